@@ -1,0 +1,21 @@
+"""resfuse: fused conv -> bias -> BatchNorm -> activation (+ residual) for PyTorch ResNets.
+
+    import resfuse
+    report = resfuse.convert(model)      # swap torchvision/timm blocks for fused ones, in place
+    resfuse.backends()                   # which backends can run here, and why not
+    y = resfuse.functional.conv_bn_act(x, w, None, bn_w, bn_b, rm, rv, training=True,
+                                       activation="relu", residual=r, padding=1)
+"""
+from . import functional, reference
+from .activations import Activation
+from .backend import BackendUnavailable, backends, use_backend
+from .convert import ConvertReport, NotFusable, convert, fuse_block, revert
+from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock
+from .ops import BNActConvFunction, ConvBNActFunction, OpConfig
+from .validation import ResfuseInputError
+from .version import __version__
+
+__all__ = ["functional", "reference", "Activation", "BackendUnavailable", "backends",
+           "use_backend", "ConvertReport", "NotFusable", "convert", "fuse_block", "revert",
+           "FusedBasicBlock", "FusedBottleneck", "FusedConvBNAct", "FusedResidualBlock",
+           "BNActConvFunction", "ConvBNActFunction", "OpConfig", "ResfuseInputError", "__version__"]

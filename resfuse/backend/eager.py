@@ -1,0 +1,213 @@
+"""The `eager` backend: the pieces of `base.Backend` as they are, on any device, plus one
+CPU fast path.
+
+In eval mode on the CPU, the BN-folded convolution goes through oneDNN's fused convolution with
+post-ops (`torch.ops.mkldnn._convolution_pointwise`: conv + bias + residual add + activation in
+one call), the way `torch.compile`'s CPU freezing passes do. That internal op is not a public
+API: where it is missing, or refuses a case (dtype, activation, shapes), the plain
+conv -> add -> act pieces run instead, and the refusal is remembered so it costs one try.
+`set_cpu_fused_conv(False)` turns the fast path off (tests check both paths).
+"""
+from __future__ import annotations
+
+from typing import Optional, Set
+
+import torch
+
+from ..activations import Activation
+from ..validation import ConvParams
+from .base import Backend, Tensor, acc_dtype
+
+
+def _acc(z: Tensor) -> torch.dtype:
+    return acc_dtype(z.dtype)
+
+# activation kind -> (oneDNN unary attr, scalars, algorithm)
+_ONEDNN_UNARY = {
+    "identity": ("none", [], None),
+    "relu": ("relu", [], None),
+    "silu": ("swish", [], None),
+    "gelu": ("gelu", [], "none"),
+    "gelu_tanh": ("gelu", [], "tanh"),
+}
+
+_cpu_fused_conv = True
+_refused: Set[tuple] = set()
+
+
+def set_cpu_fused_conv(enabled: bool) -> bool:
+    """Enable/disable the oneDNN fused eval convolution on the CPU; returns the old value."""
+    global _cpu_fused_conv
+    old, _cpu_fused_conv = _cpu_fused_conv, bool(enabled)
+    return old
+
+
+def _onednn_op():
+    try:
+        return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@torch.no_grad()
+def _cumulative_update(running_mean, running_var, batch_mean, batch_var, num_batches_tracked):
+    """momentum=None: running = running + (batch - running) / num_batches_tracked, after
+    counting this batch, with the factor computed on the device."""
+    num_batches_tracked.add_(1)
+    factor = num_batches_tracked.to(torch.float64).reciprocal().to(running_mean.dtype)
+    running_mean.copy_(batch_mean * factor + running_mean * (1 - factor))
+    running_var.copy_(batch_var * factor + running_var * (1 - factor))
+
+
+def _packed_weight(folded, x: Tensor, args) -> Tensor:
+    """The folded weight in oneDNN's blocked layout for this input shape, made once per fold
+    (it is what torch.compile's CPU freezing does; up to 2x faster on large 3x3 convs)."""
+    key = ("onednn", tuple(x.shape), x.dtype)
+    w = folded.packed.get(key)
+    if w is None:
+        w = torch._C._nn.mkldnn_reorder_conv2d_weight(folded.weight.to_mkldnn(), *args, list(x.shape))
+        folded.packed[key] = w
+    return w
+
+
+class EagerBackend(Backend):
+    """The module chain's own kernels, three ways:
+
+    * with gradients: the chain itself as differentiable torch ops (`conv_bn_act_chain`,
+      `bn_act_conv_chain`), so autograd runs aten's backward kernels with no Python in
+      between: on the CPU there is no fused kernel to win, and per-layer Python in a custom
+      Function cost more than the pieces saved (ResNet-50 training step 0.92x eager);
+    * the pieces of `Backend` (used when `ConvBNActFunction` is applied with this backend),
+      BN + activation on aten's batch-norm kernels (`_native_batch_norm_legit`,
+      `native_batch_norm_backward`), bit for bit the chain's results;
+    * inference: BN folded, oneDNN's fused conv with post-ops on the CPU.
+    `momentum=None` is handled on the device in every path (the module's .item() would sync).
+    """
+    name = "eager"
+    autograd_chain = True
+
+    def _bn_chain(self, z, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                  training, momentum, eps):
+        cudnn = torch.backends.cudnn.enabled
+        if not (training and running_mean is not None):
+            use_batch = training or running_mean is None
+            return torch.batch_norm(z, bn_weight, bn_bias, None if use_batch else running_mean,
+                                    None if use_batch else running_var, use_batch, 0.0, eps, cudnn)
+        if momentum is not None:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            return torch.batch_norm(z, bn_weight, bn_bias, running_mean, running_var, True,
+                                    momentum, eps, cudnn)
+        # momentum=None: momentum=1 into scratch buffers gives the batch mean and unbiased
+        # variance; the cumulative average is then taken with 1/num_batches_tracked on device.
+        batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+        out = torch.batch_norm(z, bn_weight, bn_bias, batch_mean, batch_var, True, 1.0, eps, cudnn)
+        if num_batches_tracked is not None:
+            _cumulative_update(running_mean, running_var, batch_mean, batch_var, num_batches_tracked)
+        return out
+
+    def conv_bn_act_chain(self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                          num_batches_tracked, residual, p: ConvParams, training, momentum, eps,
+                          act: Activation):
+        """act(bn(conv(x)) + residual) as differentiable torch ops (what the modules run)."""
+        z = x if weight is None else self.conv(x, weight, bias, p)
+        u = self._bn_chain(z, bn_weight, bn_bias, running_mean, running_var,
+                           num_batches_tracked, training, momentum, eps)
+        if residual is not None:
+            u = u.add_(residual)  # u is BN's fresh output: in place, as torchvision's `out += identity`
+        return u.relu_() if act.kind == "relu" else act.forward(u)
+
+    def bn_act_conv_chain(self, x, bn_weight, bn_bias, running_mean, running_var,
+                          num_batches_tracked, weight, bias, residual, p: ConvParams, training,
+                          momentum, eps, act: Activation):
+        """conv(act(bn(x))) + residual as differentiable torch ops."""
+        u = self._bn_chain(x, bn_weight, bn_bias, running_mean, running_var,
+                           num_batches_tracked, training, momentum, eps)
+        a = u.relu_() if act.kind == "relu" else act.forward(u)
+        y = self.conv(a, weight, bias, p)
+        return y if residual is None else y.add_(residual)
+
+    def bn_act_forward(self, z, bn_weight, bn_bias, running_mean, running_var,
+                       num_batches_tracked, training, momentum, eps, residual, act, save_input):
+        aten = torch.ops.aten
+        if training or running_mean is None:
+            update = training and running_mean is not None
+            if update and momentum is not None:
+                u, mean, invstd = aten._native_batch_norm_legit(
+                    z, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+            elif update:
+                # momentum=None: the cumulative average needs 1/num_batches_tracked, which the
+                # module reads with .item(); here it stays on the device. momentum=1 into
+                # scratch buffers yields the batch mean and unbiased variance.
+                batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+                u, mean, invstd = aten._native_batch_norm_legit(
+                    z, bn_weight, bn_bias, batch_mean, batch_var, True, 1.0, eps)
+                if num_batches_tracked is not None:
+                    _cumulative_update(running_mean, running_var, batch_mean, batch_var,
+                                       num_batches_tracked)
+            else:
+                u, mean, invstd = aten._native_batch_norm_legit.no_stats(
+                    z, bn_weight, bn_bias, True, 0.0, eps)
+        else:
+            u = aten._native_batch_norm_legit_no_training(
+                z, bn_weight, bn_bias, running_mean, running_var, 0.0, eps)[0]
+            mean = running_mean.to(_acc(z), copy=True)
+            invstd = torch.rsqrt(running_var.to(_acc(z)) + eps)
+        if residual is not None:
+            u.add_(residual)  # u is this op's own temporary
+        if save_input and act.saves == "input":
+            return act.forward(u), mean, invstd, u
+        return act.forward_(u), mean, invstd, None
+
+    def bn_act_backward(self, grad_y, saved, z, mean, invstd, bn_weight, use_batch_stats, act,
+                        need_gz, need_bn_grads):
+        if not use_batch_stats or (need_bn_grads and bn_weight is None):
+            return super().bn_act_backward(grad_y, saved, z, mean, invstd, bn_weight,
+                                           use_batch_stats, act, need_gz, need_bn_grads)
+        g_u = act.backward(grad_y, saved)
+        # eps is unused in training mode (save_invstd is given).
+        g_z, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
+            g_u, z, bn_weight, None, None, mean, invstd, True, 0.0,
+            [need_gz, need_bn_grads, need_bn_grads])
+        if not need_bn_grads:
+            return g_u, g_z, None, None
+        return g_u, g_z, g_w.to(mean.dtype), g_b.to(mean.dtype)
+
+    def conv_eval_folded(self, x: Tensor, residual: Optional[Tensor], act: Activation,
+                         p: ConvParams, folded) -> Tensor:
+        y = self._onednn_fused(x, residual, act, p, folded)
+        if y is not None:
+            return y
+        return super().conv_eval_folded(x, residual, act, p, folded)
+
+    def _onednn_fused(self, x, residual, act, p, folded) -> Optional[Tensor]:
+        if not (_cpu_fused_conv and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16)
+                and torch.backends.mkldnn.is_available()):
+            return None
+        op = _onednn_op()
+        if op is None:
+            return None
+        if act.kind == "leaky_relu":
+            unary, scalars, algo = "leaky_relu", [act.negative_slope], None
+        else:
+            unary, scalars, algo = _ONEDNN_UNARY[act.kind]
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        key = (x.dtype, act.kind, residual is not None, channels_last, p.groups)
+        if key in _refused:
+            return None
+        args = (list(p.padding), list(p.stride), list(p.dilation), p.groups)
+        try:
+            w, b = _packed_weight(folded, x, args), folded.bias
+            if residual is None:
+                return op(x, w, b, *args, unary, scalars, algo)
+            # oneDNN's binary post-op wants the residual in the output's layout.
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            other = residual.contiguous(memory_format=fmt)
+            return op.binary(x, other, w, b, *args, "add", None,
+                             None if unary == "none" else unary, scalars, algo)
+        except RuntimeError:
+            _refused.add(key)
+            return None

@@ -1,0 +1,214 @@
+"""Drop-in modules. Each keeps the plain module's submodules and attribute names (so state
+dicts load both ways, keys unchanged) and has a `forward` that calls `resfuse.functional`.
+
+* `FusedConvBNAct`     conv -> bn -> (+ residual) -> act        submodules `conv`, `bn`
+* `FusedResidualBlock` basic / bottleneck, post- or pre-activation (see reference.ResidualBlock)
+* `FusedBasicBlock`, `FusedBottleneck`: torchvision's signatures, so that
+  `torchvision.models.resnet.ResNet(FusedBottleneck, [3, 4, 6, 3])` builds a fused ResNet-50.
+
+Every BatchNorm keeps its own mode and options: a block's `bn2.eval()` (frozen BN) is honoured,
+as are `momentum=None`, `affine=False` and `track_running_stats=False`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import functional as RF
+from . import reference
+from .activations import ActivationLike, as_activation
+from .validation import ResfuseInputError
+
+Tensor = torch.Tensor
+
+
+def _conv_args(conv: nn.Conv2d, x: Tensor):
+    """(x, kwargs) for functional ops from an nn.Conv2d; non-zero padding modes pad x first,
+    exactly as nn.Conv2d does."""
+    if not isinstance(conv, nn.Conv2d):
+        raise ResfuseInputError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    return x, dict(weight=conv.weight, bias=conv.bias, stride=conv.stride, padding=padding,
+                   dilation=conv.dilation, groups=conv.groups)
+
+
+def _bn_args(bn: nn.BatchNorm2d) -> dict:
+    """The state `nn.BatchNorm2d.forward` passes to F.batch_norm, plus its bookkeeping."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise ResfuseInputError(f"expected an nn.BatchNorm2d, got {type(bn).__name__}")
+    tracking = not bn.training or bn.track_running_stats
+    counting = bn.training and bn.track_running_stats
+    return dict(bn_weight=bn.weight, bn_bias=bn.bias,
+                running_mean=bn.running_mean if tracking else None,
+                running_var=bn.running_var if tracking else None,
+                num_batches_tracked=bn.num_batches_tracked if counting else None,
+                training=bn.training, momentum=bn.momentum, eps=bn.eps)
+
+
+def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation,
+                        residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """act(bn(conv(x)) + residual) with the state of two existing modules."""
+    x, conv_kw = _conv_args(conv, x)
+    return RF.conv_bn_act(x, **conv_kw, **_bn_args(bn), activation=activation,
+                          residual=residual, backend=backend)
+
+
+def bn_act_conv_modules(x: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, activation,
+                        residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """conv(act(bn(x))) + residual with the state of two existing modules."""
+    if conv.padding_mode != "zeros":  # the padding belongs after the activation
+        a = RF.bn_act(x, **_bn_args(bn), activation=activation, backend=backend)
+        y = conv(a)
+        return y if residual is None else y + residual
+    _, conv_kw = _conv_args(conv, x)
+    return RF.bn_act_conv(x, **_bn_args(bn), **conv_kw, activation=activation,
+                          residual=residual, backend=backend)
+
+
+class FusedConvBNAct(nn.Module):
+    """y = act(bn(conv(x)) + residual) in one fused op; `conv` and `bn` are plain modules."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False,
+                 activation: ActivationLike = "relu", eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, padding_mode: str = "zeros",
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              groups, bias, padding_mode, **kw)
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **kw)
+        self.activation = as_activation(activation)
+        self.act = self.activation.module()
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: ActivationLike = None,
+                     backend: Optional[str] = None) -> "FusedConvBNAct":
+        """Wrap existing modules (shared, not copied). `act` None means identity."""
+        if type(conv) is not nn.Conv2d:
+            raise ResfuseInputError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise ResfuseInputError(f"bn: expected an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ResfuseInputError(f"bn: expected num_features={conv.out_channels} "
+                                    f"(conv.out_channels), got {bn.num_features}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.conv, self.bn = conv, bn
+        self.activation = as_activation(act)
+        self.act = self.activation.module()
+        self.backend = backend
+        return self
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return conv_bn_act_modules(x, self.conv, self.bn, self.activation, residual, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}, backend={self.backend or 'auto'}"
+
+
+class FusedResidualBlock(reference.ResidualBlock):
+    """A ResNet block whose every conv -> bn -> act (and the residual add) is one fused op.
+
+    Same constructor, attributes and state dict as `resfuse.reference.ResidualBlock`:
+    `FusedResidualBlock(256, 64, stride=1, bottleneck=True)`; `backend=` forces a backend.
+    A `downsample` of the form `Sequential([pool,] Conv2d, BatchNorm2d)` is fused too; any
+    other downsample module runs as it is.
+    """
+    _reference_class = reference.ResidualBlock
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self._check_fusable()
+
+    @classmethod
+    def from_modules(cls, *args, backend: Optional[str] = None, **kwargs):
+        self = super().from_modules(*args, **kwargs)
+        self.backend = backend
+        self._check_fusable()
+        return self
+
+    def _check_fusable(self):
+        for i, (conv, bn) in enumerate(self._pairs(), 1):
+            if type(conv) is not nn.Conv2d:
+                raise ResfuseInputError(f"conv{i}: expected an nn.Conv2d, got {type(conv).__name__}")
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise ResfuseInputError(f"bn{i}: expected an nn.BatchNorm2d (norm_layer), got "
+                                        f"{type(bn).__name__}")
+
+    def _shortcut(self, x: Tensor, a: Optional[Tensor] = None) -> Tensor:
+        ds = self.downsample
+        if ds is None:
+            return x
+        if self.preact:
+            return ds(a)
+        layers = list(ds) if isinstance(ds, nn.Sequential) else []
+        if (len(layers) in (2, 3) and type(layers[-2]) is nn.Conv2d
+                and isinstance(layers[-1], nn.BatchNorm2d)):
+            if len(layers) == 3:
+                x = layers[0](x)
+            return conv_bn_act_modules(x, layers[-2], layers[-1], None, backend=self.backend)
+        return ds(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        act, be = self.activation, self.backend
+        pairs = self._pairs()
+        if self.preact:
+            conv1, bn1 = pairs[0]
+            if self.downsample is None:
+                shortcut = x
+                out = bn_act_conv_modules(x, bn1, conv1, act, backend=be)
+            else:  # the projection reads act(bn1(x)) too: normalize once, convolve twice
+                a = RF.bn_act(x, **_bn_args(bn1), activation=act, backend=be)
+                shortcut = self._shortcut(x, a)
+                out = conv1(a)
+            for conv, bn in pairs[1:-1]:
+                out = bn_act_conv_modules(out, bn, conv, act, backend=be)
+            conv, bn = pairs[-1]
+            return bn_act_conv_modules(out, bn, conv, act, residual=shortcut, backend=be)
+        shortcut = self._shortcut(x)
+        out = x
+        for conv, bn in pairs[:-1]:
+            out = conv_bn_act_modules(out, conv, bn, act, backend=be)
+        conv, bn = pairs[-1]
+        return conv_bn_act_modules(out, conv, bn, act, residual=shortcut, backend=be)
+
+    def extra_repr(self) -> str:
+        kind = "bottleneck" if self.bottleneck else "basic"
+        return (f"{kind}, {'pre' if self.preact else 'post'}-activation, "
+                f"activation={self.activation}, backend={self.backend or 'auto'}")
+
+
+class FusedBasicBlock(FusedResidualBlock):
+    """torchvision's `BasicBlock(inplanes, planes, stride, downsample, groups, base_width,
+    dilation, norm_layer)`, fused."""
+    expansion = 1
+    _reference_class = reference.BasicBlock
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64,
+                 dilation=1, norm_layer=None, *, backend: Optional[str] = None):
+        super().__init__(inplanes, planes, stride, bottleneck=False, downsample=downsample,
+                         groups=groups, base_width=base_width, dilation=dilation,
+                         norm_layer=norm_layer, backend=backend)
+
+
+class FusedBottleneck(FusedResidualBlock):
+    """torchvision's `Bottleneck(inplanes, planes, stride, downsample, groups, base_width,
+    dilation, norm_layer)` (stride on conv2, v1.5), fused."""
+    expansion = 4
+    _reference_class = reference.Bottleneck
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64,
+                 dilation=1, norm_layer=None, *, backend: Optional[str] = None):
+        super().__init__(inplanes, planes, stride, bottleneck=True, downsample=downsample,
+                         groups=groups, base_width=base_width, dilation=dilation,
+                         norm_layer=norm_layer, backend=backend)

@@ -1,0 +1,160 @@
+"""One fused-op call and its module-chain reference on the same random inputs.
+
+`OpCase` holds float64 master copies of every input; `run(impl, dtype, layout)` casts them,
+calls either the fused function or `resfuse.reference`, back-propagates a fixed random
+upstream gradient and returns the output, every input gradient and the BN buffers after the
+call. `check(case, backend, dtype, layout)` compares the fused op with the reference: float64
+to 1e-10, lower precisions by the honest-tolerance rule; buffers likewise.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import resfuse.functional as RF
+from resfuse import backend as dispatch
+from resfuse import reference
+from conftest import FLOOR, assert_exactish, assert_honest, to_layout
+
+GRAD_NAMES = ("x", "weight", "bias", "bn_weight", "bn_bias", "residual")
+
+
+@dataclasses.dataclass
+class OpCase:
+    form: str = "post"            # "post": act(bn(conv(x)) + r); "bn_act": no conv; "pre": conv(act(bn(x))) + r
+    n: int = 2
+    c_in: int = 4
+    c_out: int = 6
+    hw: tuple = (7, 6)
+    kernel: tuple = (3, 3)
+    stride: object = 1
+    padding: object = 1
+    dilation: object = 1
+    groups: int = 1
+    bias: bool = False
+    training: bool = True
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+    affine: bool = True
+    track: bool = True
+    activation: str = "relu"
+    negative_slope: Optional[float] = None
+    residual: bool = True
+    nbt: int = 3
+
+    def __post_init__(self):
+        g = torch.Generator().manual_seed(1234)
+        d = torch.float64
+        c_conv_in = self.c_in
+        c_bn = self.c_out if self.form != "pre" else self.c_in
+        if self.form == "bn_act":
+            self.c_out = self.c_in
+            c_bn = self.c_in
+        self.x = torch.randn(self.n, self.c_in, *self.hw, generator=g, dtype=d)
+        if self.form != "bn_act":
+            fan_in = c_conv_in // self.groups * self.kernel[0] * self.kernel[1]
+            self.weight = torch.randn(self.c_out, c_conv_in // self.groups, *self.kernel,
+                                      generator=g, dtype=d) / fan_in ** 0.5
+            self.bias_t = torch.randn(self.c_out, generator=g, dtype=d) if self.bias else None
+        else:
+            self.weight = self.bias_t = None
+        self.bn_weight = (torch.rand(c_bn, generator=g, dtype=d) + 0.5) if self.affine else None
+        self.bn_bias = (torch.randn(c_bn, generator=g, dtype=d) * 0.2) if self.affine else None
+        self.rm = torch.randn(c_bn, generator=g, dtype=d) * 0.2 if self.track else None
+        self.rv = torch.rand(c_bn, generator=g, dtype=d) + 0.5 if self.track else None
+        out = self._out_shape()
+        self.res = torch.randn(out, generator=g, dtype=d) if self.residual else None
+        self.grad = torch.randn(out, generator=g, dtype=d)
+
+    def _out_shape(self):
+        if self.form == "bn_act":
+            return tuple(self.x.shape)
+        return tuple(F.conv2d(self.x, self.weight, None, self.stride, self.padding, self.dilation,
+                              self.groups).shape)
+
+    def kwargs(self):
+        kw = dict(training=self.training, momentum=self.momentum, eps=self.eps,
+                  activation=self.activation)
+        if self.negative_slope is not None:
+            kw["activation"] = torch.nn.LeakyReLU(self.negative_slope)
+        if self.form != "bn_act":
+            kw.update(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                      groups=self.groups)
+        return kw
+
+    def run(self, impl: str, dtype: torch.dtype, layout: str = "nchw", backend: Optional[str] = None):
+        def cast(t, grad=True, lay=False):
+            if t is None:
+                return None
+            t = t.to(dtype)
+            if lay:
+                t = to_layout(t, layout)
+            return t.detach().requires_grad_(grad)
+        x, res = cast(self.x, lay=True), cast(self.res, lay=True)
+        w, b = cast(self.weight), cast(self.bias_t)
+        bw, bb = cast(self.bn_weight), cast(self.bn_bias)
+        rm, rv = cast(self.rm, False), cast(self.rv, False)
+        nbt = torch.tensor(self.nbt) if self.track else None
+        kw = self.kwargs()
+        kw["num_batches_tracked"] = nbt
+        kw["residual"] = res
+        if impl == "ref":
+            if self.form == "pre":
+                y = reference.bn_act_conv(x, bw, bb, rm, rv, w, b, **kw)
+            else:
+                y = reference.conv_bn_act(x, w, b, bw, bb, rm, rv, **kw)
+        else:
+            kw["backend"] = backend
+            if self.form == "pre":
+                y = RF.bn_act_conv(x, bw, bb, rm, rv, w, b, **kw)
+            elif self.form == "bn_act":
+                kw.pop("stride", None)
+                y = RF.bn_act(x, bw, bb, rm, rv, **kw)
+            else:
+                y = RF.conv_bn_act(x, w, b, bw, bb, rm, rv, **kw)
+        y.backward(self.grad.to(dtype))
+        inputs = dict(zip(GRAD_NAMES, (x, w, b, bw, bb, res)))
+        grads = {k: v.grad for k, v in inputs.items() if v is not None}
+        return y.detach(), grads, dict(running_mean=rm, running_var=rv, num_batches_tracked=nbt)
+
+
+@contextlib.contextmanager
+def backend_variant(name: str):
+    """'eager-function': the eager backend through `ConvBNActFunction` (its pieces on aten's
+    batch-norm kernels) instead of its differentiable chain. Yields the backend name to use."""
+    if name != "eager-function":
+        yield name
+        return
+    eager = dispatch.get("eager")
+    eager.autograd_chain = False
+    try:
+        yield "eager"
+    finally:
+        del eager.autograd_chain
+
+
+def check(case: OpCase, backend: str, dtype: torch.dtype = torch.float64, layout: str = "nchw"):
+    with backend_variant(backend) as name:
+        y, grads, bufs = case.run("fused", dtype, layout, name)
+    y64, g64, b64 = case.run("ref", torch.float64, "nchw")
+    if dtype == torch.float64:
+        assert_exactish(y, y64, 1e-10, "output")
+        for k in g64:
+            assert_exactish(grads[k], g64[k], 1e-10, f"grad {k}")
+    else:
+        yl, gl, bl = case.run("ref", dtype, layout)
+        assert_honest(y, yl, y64, "output")
+        for k in g64:
+            assert_honest(grads[k], gl[k], g64[k], f"grad {k}")
+    for k, v in b64.items():
+        if v is None:
+            assert bufs[k] is None
+        elif k == "num_batches_tracked":
+            assert bufs[k].item() == v.item(), f"{k}: {bufs[k].item()} != {v.item()}"
+        else:
+            assert_exactish(bufs[k], v, 1e-10 if dtype == torch.float64 else FLOOR[dtype] * 4, k)
+    return y

@@ -1,0 +1,100 @@
+"""Backend registry, choice (per call, scope, environment, auto), and the torch.library ops."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import resfuse
+import resfuse.functional as RF
+from resfuse import backend as dispatch
+from resfuse.backend.base import Case
+
+
+def test_backends_reports_every_backend_with_a_reason():
+    b = resfuse.backends()
+    assert b["eager"] == "ok" and b["pieces"] == "ok"
+    for name in ("triton", "cuda"):
+        assert name in b and b[name] != "ok" and len(b[name]) > 10, b[name]
+    if not torch.cuda.is_available():
+        assert "resfuse._C" in b["cuda"] or "not built" in b["cuda"] or "not implemented" in b["cuda"]
+
+
+CPU_CASE = Case("conv_bn_act", "cpu", torch.float32, False)
+
+
+def test_auto_picks_eager_on_cpu(monkeypatch):
+    monkeypatch.delenv("RESFUSE_BACKEND", raising=False)
+    assert dispatch.select(CPU_CASE).name == "eager"
+
+
+def test_choice_precedence(monkeypatch):
+    monkeypatch.setenv("RESFUSE_BACKEND", "pieces")
+    assert dispatch.select(CPU_CASE).name == "pieces"
+    with resfuse.use_backend("eager"):
+        assert dispatch.select(CPU_CASE).name == "eager"  # scope beats environment
+        assert dispatch.select(CPU_CASE, "pieces").name == "pieces"  # call beats scope
+        with resfuse.use_backend("auto"):
+            assert dispatch.select(CPU_CASE).name == "eager"
+    monkeypatch.setenv("RESFUSE_BACKEND", "cuda")
+    with pytest.raises(resfuse.BackendUnavailable, match="cuda"):
+        dispatch.select(CPU_CASE)
+    monkeypatch.setenv("RESFUSE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="RESFUSE_BACKEND"):
+        dispatch.select(CPU_CASE)
+
+
+def test_scope_is_used_by_the_functional_call():
+    calls = []
+    real = dispatch._registry["pieces"].bn_act_forward
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    dispatch._registry["pieces"].bn_act_forward = spy
+    try:
+        with resfuse.use_backend("pieces"):
+            RF.bn_act(torch.randn(2, 3, 4, 4), training=True)
+        RF.bn_act(torch.randn(2, 3, 4, 4), training=True)
+    finally:
+        del dispatch._registry["pieces"].bn_act_forward
+    assert len(calls) == 1
+
+
+def test_ops_are_registered_with_fake_implementations():
+    """The ops exist under torch.ops.resfuse and their fake (meta) versions give the shapes
+    the real ones give, so torch.compile can trace through them."""
+    x = torch.randn(2, 3, 8, 8)
+    w = torch.randn(5, 3, 3, 3)
+    rm, rv, nbt = torch.zeros(5), torch.ones(5), torch.tensor(0)
+    args = (x, w, None, None, None, rm, rv, nbt, None, [2, 2], [1, 1], [1, 1], 1, True, 0.1,
+            1e-5, "silu", 0.01, "eager", True)
+    real = torch.ops.resfuse.conv_bn_act_fwd(*args)
+    with FakeTensorMode() as mode:
+        fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fake = torch.ops.resfuse.conv_bn_act_fwd(*fargs)
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.dtype == f.dtype
+    inf = torch.ops.resfuse.conv_bn_act_infer(x, w, None, None, None, rm, rv, None, [1, 1],
+                                              [1, 1], [1, 1], 1, 1e-5, "relu", 0.01, "eager")
+    with FakeTensorMode() as mode:
+        f = torch.ops.resfuse.conv_bn_act_infer(*(mode.from_tensor(a) if isinstance(a, torch.Tensor)
+                                                   else a for a in (x, w, None, None, None, rm, rv,
+                                                                     None, [1, 1], [1, 1], [1, 1],
+                                                                     1, 1e-5, "relu", 0.01, "eager")))
+    assert f.shape == inf.shape
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck_forward_ops(save):
+    """torch.library.opcheck: schema (mutation and aliasing annotations), fake tensors."""
+    x = torch.randn(2, 3, 6, 6)
+    w = torch.randn(4, 3, 3, 3)
+    args = (x, w, torch.randn(4), torch.rand(4) + 0.5, torch.randn(4), torch.zeros(4),
+            torch.ones(4), torch.tensor(0), torch.randn(2, 4, 6, 6), [1, 1], [1, 1], [1, 1], 1,
+            True, None, 1e-5, "gelu", 0.01, "eager", save)
+    torch.library.opcheck(torch.ops.resfuse.conv_bn_act_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    pre = (torch.randn(2, 4, 6, 6), torch.rand(4) + 0.5, torch.randn(4), torch.zeros(4),
+           torch.ones(4), torch.tensor(0), w.transpose(0, 1).contiguous(), None, None, [1, 1],
+           [1, 1], [1, 1], 1, True, 0.1, 1e-5, "relu", 0.01, "eager", save)
+    torch.library.opcheck(torch.ops.resfuse.bn_act_conv_fwd.default, pre,
+                          test_utils=("test_schema", "test_faketensor"))
