@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's two commands, each doing its own set-up on a fresh machine:
 #   ./run.sh bench [bench/run.py options]   converted ResNet-50 vs eager: parity + timing table
-#   ./run.sh test  [pytest options]         the test suite
+#   ./run.sh test  [pytest args]            the test suite (default: tests/)
 #   ./run.sh setup                          installation only
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,7 +40,7 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     setup) setup ;;
-    test)  setup; exec "$PY" -m pytest -q -p no:cacheprovider tests "$@" ;;
+    test)  setup; [ $# -gt 0 ] || set -- tests; exec "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
     bench) setup; exec "$PY" bench/run.py "$@" ;;
     *) echo "usage: ./run.sh setup|test|bench [args]" >&2; exit 2 ;;
 esac
