@@ -76,7 +76,8 @@ class EagerBackend(Backend):
     * with gradients: the chain itself as differentiable torch ops (`conv_bn_act_chain`,
       `bn_act_conv_chain`), so autograd runs aten's backward kernels with no Python in
       between: on the CPU there is no fused kernel to win, and per-layer Python in a custom
-      Function cost more than the pieces saved (ResNet-50 training step 0.92x eager);
+      Function cost more than the pieces saved (a ResNet-50 training step measured several
+      percent slower than eager in development; through the chain it is level);
     * the pieces of `Backend` (used when `ConvBNActFunction` is applied with this backend),
       BN + activation on aten's batch-norm kernels (`_native_batch_norm_legit`,
       `native_batch_norm_backward`), bit for bit the chain's results;
