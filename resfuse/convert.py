@@ -112,8 +112,6 @@ def _block_parts(m: nn.Module, origin: str):
     extra = sorted(set(m._modules) - known - {k for k, v in m._modules.items() if v is None})
     if extra:
         raise NotFusable(f"unexpected submodule(s) {extra}: the block's forward may differ")
-    if getattr(m, "preact", False):
-        raise NotFusable("pre-activation reference blocks are converted by revert only")
     return convs, bns, m.downsample, kinds.pop()
 
 
@@ -124,9 +122,13 @@ def fuse_block(block: nn.Module, backend: Optional[str] = None) -> FusedResidual
         raise NotFusable(f"unrecognised block class {_qualname(block)} (resfuse converts "
                          "torchvision's and timm's BasicBlock and Bottleneck)")
     convs, bns, downsample, act = _block_parts(block, origin)
-    cls = FusedBottleneck if len(convs) == 3 else FusedBasicBlock
+    if type(block) is reference.ResidualBlock:  # resfuse's own generic block (maybe pre-act)
+        cls = FusedResidualBlock
+    else:
+        cls = FusedBottleneck if len(convs) == 3 else FusedBasicBlock
     pairs = [x for pair in zip(convs, bns) for x in pair]
     fused = cls.from_modules(*pairs, downsample=downsample, activation=act, backend=backend,
+                             preact=getattr(block, "preact", False),
                              expansion=getattr(block, "expansion", None))
     fused.training = block.training  # not .train(): children keep their own modes
     object.__setattr__(fused, _ORIGINAL, block)

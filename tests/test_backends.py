@@ -98,3 +98,34 @@ def test_opcheck_forward_ops(save):
            [1, 1], [1, 1], 1, True, 0.1, 1e-5, "relu", 0.01, "eager", save)
     torch.library.opcheck(torch.ops.resfuse.bn_act_conv_fwd.default, pre,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["eager", "pieces"])
+def test_opcheck_backward_and_inference_ops(backend):
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    bw, bb = torch.rand(4) + 0.5, torch.randn(4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y, z, mean, invstd, u = torch.ops.resfuse.conv_bn_act_fwd(
+        x, w, None, bw, bb, rm.clone(), rv.clone(), None, None, [1, 1], [1, 1], [1, 1], 1, True,
+        0.1, 1e-5, "silu", 0.01, backend, True)
+    g = torch.randn_like(y)
+    torch.library.opcheck(
+        torch.ops.resfuse.conv_bn_act_bwd.default,
+        (g, x, w, z, u, mean, invstd, bw, [1, 1], [1, 1], [1, 1], 1, True, "silu", 0.01, backend,
+         False, [True, True, False, True, True, True]),
+        test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.resfuse.conv_bn_act_infer.default,
+        (x, w, torch.randn(4), bw, bb, rm, rv, torch.randn(2, 4, 6, 6), [1, 1], [1, 1], [1, 1], 1,
+         1e-5, "relu", 0.01, backend),
+        test_utils=("test_schema", "test_faketensor"))
+    xa = torch.randn(2, 4, 6, 6)
+    w2 = torch.randn(3, 4, 3, 3)
+    y2, a, mean2, invstd2 = torch.ops.resfuse.bn_act_conv_fwd(
+        xa, bw, bb, None, None, None, w2, None, None, [1, 1], [1, 1], [1, 1], 1, True, 0.1, 1e-5,
+        "gelu", 0.01, backend, True)
+    torch.library.opcheck(
+        torch.ops.resfuse.bn_act_conv_bwd.default,
+        (torch.randn_like(y2), xa, a, w2, mean2, invstd2, bw, bb, [1, 1], [1, 1], [1, 1], 1, True,
+         "gelu", 0.01, backend, False, [True, True, True, True, False]),
+        test_utils=("test_schema", "test_faketensor"))

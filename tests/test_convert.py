@@ -187,6 +187,22 @@ def test_blocks_with_unfusable_parts_are_skipped_with_a_reason():
     assert not report.swapped
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_plain_preact_and_silu_blocks(mode):
+    plain = nn.Sequential(reference.ResidualBlock(8, 8, preact=True),
+                          reference.ResidualBlock(8, 16, stride=2, bottleneck=True, preact=True,
+                                                  activation="silu"),
+                          reference.ResidualBlock(64, 8, bottleneck=True, activation="gelu_tanh")
+                          ).double()
+    randomize_bn(plain)
+    getattr(plain, mode)()
+    fused = copy.deepcopy(plain)
+    assert len(resfuse.convert(fused).swapped) == 3
+    assert all(type(m) is resfuse.FusedResidualBlock for m in fused)
+    assert fused[0].preact and fused[1].activation.kind == "silu"
+    assert_same_training(plain, fused, torch.randn(2, 8, 8, 8, dtype=D))
+
+
 def test_shared_block_is_fused_once():
     block = reference.BasicBlock(4, 4)
     model = nn.Sequential(block, block)

@@ -47,8 +47,19 @@ def test_eval_inference_parity(act, residual, layout, onednn):
     activation = nn.LeakyReLU(0.1) if act == "leaky_relu" else act
     out, ref_lp, ref64 = _eval_case(activation, residual, layout)
     assert_honest(out, ref_lp, ref64, f"{act}")
-    if layout == "channels_last":
-        assert out.is_contiguous(memory_format=torch.channels_last)
+    # the output's memory format is eager's
+    assert out.stride() == ref_lp.stride(), (out.stride(), ref_lp.stride())
+
+
+def test_channels_last_weight_with_nchw_input_gives_eagers_layout(onednn):
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+    randomize_bn(bn)
+    conv.to(memory_format=torch.channels_last)
+    m = resfuse.FusedConvBNAct.from_modules(conv, bn, "relu").eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        out, ref = m(x), reference.ConvBNAct(conv, bn, "relu").eval()(x)
+    assert out.stride() == ref.stride() and torch.allclose(out, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", ["grouped", "strided-1x1"])

@@ -149,3 +149,13 @@ def test_nan_and_inf_propagate_as_in_eager(backend):
     assert torch.allclose(y[fin], yr[fin], atol=1e-10)
     for k in gr:
         assert torch.equal(torch.isnan(grads[k]), torch.isnan(gr[k])), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("form", ["post", "pre", "bn_act"])
+def test_bfloat16(form, act, training, backend):
+    """bf16 on the CPU by the honest-tolerance rule (BN statistics and math in fp32)."""
+    check(OpCase(form=form, c_in=6, activation=act, training=training, hw=(8, 8)), backend,
+          torch.bfloat16)

@@ -59,6 +59,10 @@ def _cumulative_update(running_mean, running_var, batch_mean, batch_var, num_bat
     running_var.copy_(batch_var * factor + running_var * (1 - factor))
 
 
+def _is_channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def _packed_weight(folded, x: Tensor, args) -> Tensor:
     """The folded weight in oneDNN's blocked layout for this input shape, made once per fold
     (it is what torch.compile's CPU freezing does; up to 2x faster on large 3x3 convs)."""
@@ -195,13 +199,17 @@ class EagerBackend(Backend):
             unary, scalars, algo = "leaky_relu", [act.negative_slope], None
         else:
             unary, scalars, algo = _ONEDNN_UNARY[act.kind]
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        # The output layout must be eager's: channels_last iff the input or the weight is.
+        channels_last = _is_channels_last(x) or _is_channels_last(folded.weight)
         key = (x.dtype, act.kind, residual is not None, channels_last, p.groups)
         if key in _refused:
             return None
         args = (list(p.padding), list(p.stride), list(p.dilation), p.groups)
         try:
-            w, b = _packed_weight(folded, x, args), folded.bias
+            # A pre-packed weight makes oneDNN answer in channels_last whatever the input's
+            # layout, so it is used only where that is the layout eager would give.
+            w = _packed_weight(folded, x, args) if channels_last else folded.weight
+            b = folded.bias
             if residual is None:
                 return op(x, w, b, *args, unary, scalars, algo)
             # oneDNN's binary post-op wants the residual in the output's layout.
