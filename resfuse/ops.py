@@ -6,10 +6,13 @@ Two primitives, each a forward and a backward op under `torch.ops.resfuse`:
 * `conv_bn_act_fwd/bwd`  y = act(bn(conv(x)) + residual)  (no conv when `weight` is None)
 * `bn_act_conv_fwd/bwd`  y = conv(act(bn(x))) + residual  (pre-activation)
 
+and `conv_bn_act_infer` (eval inference with BN folded into the conv).
+
 The ops take only tensors and primitives (so `torch.compile` keeps each one whole, through its
 fake implementation) plus the *name* of the backend that runs them, already chosen by
-`resfuse.functional`. Their outputs never alias their inputs or one another. Arguments are assumed valid here: `resfuse.functional` checks them.
-Outputs a call does not need come back as empty tensors (custom ops return no None).
+`resfuse.functional`, which also checks the arguments (they are assumed valid here). Outputs
+never alias inputs or one another; outputs a call does not need come back as empty tensors
+(ops return no None).
 """
 from __future__ import annotations
 
@@ -47,9 +50,9 @@ _lib = torch.library.Library("resfuse", "FRAGMENT")
 
 def _op(schema: str):
     """Define `torch.ops.resfuse.<name>` with `schema` and the decorated function as its
-    kernel on every device. (Plain `Library.define/impl`: a call costs ~18 us against ~75 us
-    through `torch.library.custom_op`, which matters at 4 ops per conv layer.) The function
-    gets `.register_fake` for its fake (meta) implementation."""
+    kernel on every device. (Plain `Library.define/impl` rather than `torch.library.custom_op`,
+    whose Python wrapper costs several times more per call, at 4 ops per conv layer.) The
+    function gets `.register_fake` for its fake (meta) implementation."""
     name = schema.split("(", 1)[0]
 
     def deco(fn):
