@@ -45,10 +45,10 @@ class FoldedConv:
 
 def _key(tensors, eps) -> Optional[tuple]:
     try:
-        # data_ptr/dtype/device catch `param.data = ...` (module.to(), .half()), which keeps
-        # the Parameter's identity but not its storage.
-        return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None
-                     for t in tensors) + (eps,)
+        # data_ptr catches `param.data = ...` (module.to(), .half()), which keeps the
+        # Parameter's identity but not its storage.
+        return tuple([None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors]
+                     + [eps])
     except RuntimeError:  # inference tensors have no version counter: do not cache
         return None
 

@@ -101,11 +101,12 @@ def _check_tensor(name: str, t, ref: torch.Tensor, shape: Optional[Sequence[int]
         _fail(f"{name}: expected a Tensor, got {type(t).__name__}")
     if t.device != ref.device:
         _fail(f"{name}: expected a tensor on {ref.device} (the device of x), got {t.device}")
-    if same_dtype and t.dtype != ref.dtype:
-        _fail(f"{name}: expected dtype {ref.dtype} (the dtype of x), got {t.dtype}")
-    if not t.is_floating_point():
-        _fail(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
+    dtype = t.dtype
+    if dtype != ref.dtype and (same_dtype or not dtype.is_floating_point):
+        if same_dtype:
+            _fail(f"{name}: expected dtype {ref.dtype} (the dtype of x), got {dtype}")
+        _fail(f"{name}: expected a floating-point tensor, got {dtype}")
+    if shape is not None and t.shape != shape:
         _fail(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 

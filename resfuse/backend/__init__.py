@@ -99,9 +99,10 @@ def requested(backend: Optional[str] = None) -> str:
     scoped = _scope.get()
     if scoped is not None:
         return scoped
-    env = os.environ.get("RESFUSE_BACKEND")
-    if env:
-        return _check_name(env, "RESFUSE_BACKEND")
+    if "RESFUSE_BACKEND" in os.environ:  # (no KeyError raised and caught on every call)
+        env = os.environ["RESFUSE_BACKEND"]
+        if env:
+            return _check_name(env, "RESFUSE_BACKEND")
     return "auto"
 
 

@@ -42,11 +42,20 @@ def set_cpu_fused_conv(enabled: bool) -> bool:
     return old
 
 
+_MISSING = object()
+_onednn_cached = _MISSING
+
+
 def _onednn_op():
-    try:
-        return torch.ops.mkldnn._convolution_pointwise
-    except (AttributeError, RuntimeError):
-        return None
+    """oneDNN's fused conv op, or None where this torch has none (looked up once)."""
+    global _onednn_cached
+    if _onednn_cached is _MISSING:
+        try:
+            _onednn_cached = (torch.ops.mkldnn._convolution_pointwise
+                              if torch.backends.mkldnn.is_available() else None)
+        except (AttributeError, RuntimeError):
+            _onednn_cached = None
+    return _onednn_cached
 
 
 @torch.no_grad()
@@ -189,8 +198,7 @@ class EagerBackend(Backend):
 
     def _onednn_fused(self, x, residual, act, p, folded) -> Optional[Tensor]:
         if not (_cpu_fused_conv and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16)
-                and torch.backends.mkldnn.is_available()):
+                and x.dtype in (torch.float32, torch.bfloat16)):
             return None
         op = _onednn_op()
         if op is None:
