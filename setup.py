@@ -1,31 +1,49 @@
 """Build and install resfuse.
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e .      (or: ./run.sh setup)
 
-`--no-build-isolation`: the CUDA extension `resfuse._C` must be compiled against the torch that
-is installed; pip's isolated build environment would install another torch to build with (the
-newest, multi-GB CUDA build) and the result would not load.
+`--no-build-isolation` is required: the CUDA extension `resfuse._C` must be compiled against
+the torch that is installed. pip's isolated build environment would build with another torch
+(the newest one, a multi-GB CUDA build) and the extension would not load with the installed one.
 
-The extension is built when torch imports, is a CUDA build, and a CUDA toolkit is found;
-otherwise it is skipped with one line saying why, and resfuse runs on its Python backends.
-Environment: RESFUSE_SKIP_CUDA_BUILD=1 forces the skip; TORCH_CUDA_ARCH_LIST (default
-"8.0;9.0") and MAX_JOBS are honoured. What the build was made against is written to
-resfuse/_build_info.py, which `resfuse.backends()` reads to explain a missing or
-mismatched extension.
+The extension is built when all of these hold, and skipped otherwise with one line saying why
+(resfuse then runs on its Python backends):
+  - RESFUSE_SKIP_CUDA_BUILD is not "1",
+  - torch imports here,
+  - torch is a CUDA build (`torch.version.cuda` is not None),
+  - a CUDA toolkit is found (`torch.utils.cpp_extension.CUDA_HOME`).
+TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS (ninja's parallel jobs) are honoured.
+
+Every build (editable or not, built or skipped) writes resfuse/_build_info.py (generated,
+git-ignored): what the extension was built against, or why it was not built.
+`resfuse._extension.load_extension()` reads it to explain a missing or mismatched extension.
 """
 import datetime
 import glob
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext as _setuptools_build_ext
+from setuptools.command.build_py import build_py as _build_py
+from setuptools.command.develop import develop as _develop
+
+try:  # setuptools >= 64 (PEP 660 editable installs)
+    from setuptools.command.editable_wheel import editable_wheel as _editable_wheel
+except ImportError:  # pragma: no cover - older setuptools
+    _editable_wheel = None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-BUILD_INFO = os.path.join(ROOT, "resfuse", "_build_info.py")
+os.chdir(ROOT)  # package_dir and the csrc glob are relative to the checkout
+BUILD_INFO_REL = os.path.join("resfuse", "_build_info.py")
+DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
-def version() -> str:
+def read_version() -> str:
     scope = {}
     with open(os.path.join(ROOT, "resfuse", "version.py")) as f:
         exec(f.read(), scope)
@@ -33,71 +51,216 @@ def version() -> str:
 
 
 def nvcc_version(cuda_home):
-    try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True,
-                             capture_output=True, check=True).stdout
-        return out.strip().splitlines()[-1]
-    except Exception:
-        return None
+    """'13.0.88' (or nvcc's last line of --version), None when no nvcc runs."""
+    candidates = [os.path.join(cuda_home, "bin", "nvcc")] if cuda_home else []
+    candidates.append(shutil.which("nvcc"))
+    for nvcc in filter(None, candidates):
+        try:
+            out = subprocess.run([nvcc, "--version"], text=True, capture_output=True,
+                                 check=True, timeout=60).stdout
+        except Exception:  # noqa: BLE001 - not this one
+            continue
+        m = re.search(r"release [\d.]+, V([\d.]+)", out)
+        return m.group(1) if m else (out.strip().splitlines() or ["unknown"])[-1]
+    return None
 
 
-def cuda_extension_plan():
-    """(ext_modules, cmdclass, info): the extension to build, or why not."""
-    info = dict(cuda_extension=False, built_at=datetime.datetime.now(datetime.timezone.utc)
-                .isoformat(timespec="seconds"))
-    if os.environ.get("RESFUSE_SKIP_CUDA_BUILD", "0") == "1":
-        return [], {}, dict(info, reason="skipped: RESFUSE_SKIP_CUDA_BUILD=1")
+def plan_cuda_extension() -> dict:
+    """Decide whether resfuse._C is built. Returns the build record: `build` says which; when
+    False, `why` says why not (plain words, no prefix)."""
+    plan = dict(build=False, why=None, torch=None, torch_cuda=None, cuda_home=None,
+                arch_list=None, nvcc=None, max_jobs=os.environ.get("MAX_JOBS") or None)
     try:
         import torch
-        from torch.utils import cpp_extension
-    except Exception as e:  # noqa: BLE001 - any import failure means: no extension
-        return [], {}, dict(info, reason=f"not built: torch did not import at build time ({e})")
-    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
+    except Exception as e:  # noqa: BLE001 - any failure to import means: no extension
+        plan["why"] = f"torch did not import at build time ({type(e).__name__}: {e})"
+        return plan
+    plan.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
+    if os.environ.get("RESFUSE_SKIP_CUDA_BUILD", "").strip() == "1":
+        plan["why"] = "RESFUSE_SKIP_CUDA_BUILD=1"
+        return plan
     if torch.version.cuda is None:
-        return [], {}, dict(info, reason=f"not built: torch {torch.__version__} is a CPU-only build")
-    cuda_home = cpp_extension.CUDA_HOME
-    if cuda_home is None:
-        return [], {}, dict(info, reason="not built: no CUDA toolkit found (set CUDA_HOME)")
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
-    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
-    ext = cpp_extension.CUDAExtension(
-        name="resfuse._C", sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]})
-    info.update(cuda_extension=True, arch_list=arch, nvcc=nvcc_version(cuda_home),
-                cuda_home=cuda_home, reason=None)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}, info
+        plan["why"] = f"torch {torch.__version__} is a CPU-only build"
+        return plan
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as e:  # noqa: BLE001
+        plan["why"] = f"torch.utils.cpp_extension did not import ({type(e).__name__}: {e})"
+        return plan
+    if not CUDA_HOME:
+        plan["why"] = (f"no CUDA toolkit found for torch {torch.__version__} (CUDA "
+                       f"{torch.version.cuda}): set CUDA_HOME or put nvcc on PATH")
+        return plan
+    arch = (os.environ.get("TORCH_CUDA_ARCH_LIST") or "").strip() or DEFAULT_ARCH_LIST
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # read by torch's BuildExtension
+    plan.update(build=True, cuda_home=CUDA_HOME, arch_list=arch, nvcc=nvcc_version(CUDA_HOME))
+    return plan
 
 
-def write_build_info(info: dict):
-    with open(BUILD_INFO, "w") as f:
-        f.write("# Written by setup.py: what resfuse._C was (or was not) built against.\n")
-        f.write(f"BUILD_INFO = {info!r}\n")
+def arch_list_define(arch: str):
+    """The arch list as a -D flag the C++ side stringifies ("8.0;9.0" -> 8.0,9.0). Only
+    [A-Za-z0-9.+] entries joined by commas: nothing a shell or ninja would split or eat."""
+    entries = [a for a in re.split(r"[;,\s]+", arch) if a]
+    if not entries or not all(re.fullmatch(r"[A-Za-z0-9.+]+", a) for a in entries):
+        return []
+    return [f"-DRESFUSE_CUDA_ARCH_LIST={','.join(entries)}"]
 
 
-ext_modules, cmdclass, info = cuda_extension_plan()
-write_build_info(info)
-if info["reason"]:
-    print(f"resfuse: skipping the CUDA extension resfuse._C: {info['reason']}", file=sys.stderr)
+PLAN = plan_cuda_extension()
+
+
+def cuda_extension():
+    from torch.utils.cpp_extension import CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + \
+        sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    defines = arch_list_define(PLAN["arch_list"])
+    return CUDAExtension(
+        name="resfuse._C",
+        sources=sources,
+        # No -std flag: torch's BuildExtension sets the standard its headers need (C++20 now).
+        extra_compile_args={"cxx": ["-O3"] + defines,
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines},
+    )
+
+
+# ---- the build record, resfuse/_build_info.py --------------------------------------------------
+
+_announced = False
+
+
+def build_record(built: bool, reason=None) -> dict:
+    return {
+        "cuda_extension": built,
+        "reason": reason,  # None when built, else "not built: <why>"
+        "torch": PLAN["torch"],
+        "torch_cuda": PLAN["torch_cuda"],
+        "nvcc": PLAN["nvcc"] if PLAN["build"] else nvcc_version(PLAN["cuda_home"]),
+        "cuda_home": PLAN["cuda_home"],
+        "arch_list": PLAN["arch_list"],
+        "max_jobs": PLAN["max_jobs"],
+        "python": platform.python_version(),
+        "resfuse": read_version(),
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_build_record(record: dict, *also_under) -> None:
+    """Write the record into the checkout, and into each build folder given (a wheel's)."""
+    text = ("# Generated by setup.py (git-ignored): what resfuse._C was built against, or why it\n"
+            "# was not built. Read by resfuse._extension.load_extension().\n"
+            "BUILD_INFO = {\n"
+            + "".join(f"    {k!r}: {v!r},\n" for k, v in record.items())
+            + "}\n")
+    for base in (ROOT,) + tuple(also_under):
+        path = os.path.join(base, BUILD_INFO_REL)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def announce_and_record_plan() -> None:
+    """Once per setup.py process, before anything is built: say what happens to resfuse._C and
+    write the record. When the extension is to be built, the record says "not built" until
+    build_ext finishes and rewrites it (so a failed build never leaves a record claiming one)."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    if PLAN["build"]:
+        print(f"resfuse: building CUDA extension resfuse._C against torch {PLAN['torch']} "
+              f"(CUDA {PLAN['torch_cuda']}, nvcc {PLAN['nvcc']}) for arch "
+              f"{PLAN['arch_list']!r}, MAX_JOBS={PLAN['max_jobs'] or 'default'}",
+              file=sys.stderr, flush=True)
+        write_build_record(build_record(False, "not built: the build of resfuse._C did not finish"))
+    else:
+        print(f"resfuse: skipping CUDA extension resfuse._C: {PLAN['why']}", file=sys.stderr, flush=True)
+        write_build_record(build_record(False, f"not built: {PLAN['why']}"))
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+if PLAN["build"]:
+    from torch.utils.cpp_extension import BuildExtension
+
+    _build_ext_base = BuildExtension.with_options(use_ninja=True)
 else:
-    print(f"resfuse: building resfuse._C for {info['arch_list']} with {info['nvcc']}", file=sys.stderr)
+    _build_ext_base = _setuptools_build_ext
+
+
+class build_py(_build_py):
+    def run(self):
+        announce_and_record_plan()  # first, so a wheel's build_py copies the record
+        super().run()
+
+
+class build_ext(_build_ext_base):
+    def run(self):
+        announce_and_record_plan()
+        super().run()
+        if PLAN["build"] and self.extensions:
+            in_place = getattr(self, "inplace", False) or getattr(self, "editable_mode", False)
+            write_build_record(build_record(True), *(() if in_place else (self.build_lib,)))
+            print("resfuse: built resfuse._C", file=sys.stderr, flush=True)
+
+
+cmdclass = {"build_py": build_py, "build_ext": build_ext}
+
+if _editable_wheel is not None:
+    class editable_wheel(_editable_wheel):
+        def run(self):
+            announce_and_record_plan()
+            super().run()
+
+    cmdclass["editable_wheel"] = editable_wheel
+
+
+class develop(_develop):
+    """`python setup.py develop`: setuptools >= 80 runs `pip install -e .` with build isolation
+    here, which would build against a freshly downloaded torch. Run it without."""
+
+    def run(self):
+        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", ROOT]
+        if getattr(self, "no_deps", False):
+            cmd.append("--no-deps")
+        subprocess.check_call(cmd)
+
+
+cmdclass["develop"] = develop
+
+
+def packages():
+    # resfuse.triton_kernels (and any subpackage) comes from the top-level triton_kernels/
+    # folder; a top-level `triton_kernels` package belongs to other projects and is never
+    # installed.
+    found = find_packages(include=["resfuse", "resfuse.*"])
+    found += ["resfuse.triton_kernels"]
+    found += ["resfuse.triton_kernels." + p for p in find_packages(where="triton_kernels")]
+    return found
+
+
+def long_description() -> str:
+    path = os.path.join(ROOT, "README.md")
+    return open(path).read() if os.path.exists(path) else ""
+
 
 setup(
     name="resfuse",
-    version=version(),
+    version=read_version(),
     description="Fused conv-BN-activation-residual blocks for PyTorch ResNets (Triton, CUDA, eager)",
-    long_description=open(os.path.join(ROOT, "README.md")).read(),
+    long_description=long_description(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    # resfuse.triton_kernels comes from the top-level triton_kernels/ folder; a top-level
-    # `triton_kernels` package belongs to other projects and is never installed.
-    packages=find_packages(include=["resfuse", "resfuse.*"]) + ["resfuse.triton_kernels"],
+    packages=packages(),
     package_dir={"resfuse.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest"], "plot": ["matplotlib"],
-                    "dev": ["pytest", "ninja", "pybind11"]},
-    ext_modules=ext_modules,
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest"],
+        "plot": ["matplotlib"],
+        "dev": ["pytest", "matplotlib", "ninja", "pybind11"],
+    },
+    ext_modules=[cuda_extension()] if PLAN["build"] else [],
     cmdclass=cmdclass,
     zip_safe=False,
 )

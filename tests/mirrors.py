@@ -1,20 +1,46 @@
 """Plain-PyTorch mirrors of torchvision's and timm's ResNet blocks, for testing the converter on
-machines where neither library imports.
+machines where neither library imports (torch only; nothing here imports resfuse).
 
-They reproduce what `resfuse.convert` looks at: class names (`BasicBlock`, `Bottleneck`),
-defining module (`__module__` set to the library's), constructor signatures, attribute names
-and types, what is `nn.Identity()` and what is `None` when a feature is off, and the forward
-computation op for op. Mirrored from torchvision 0.2x `torchvision/models/resnet.py` and
-timm 1.0 `timm/models/resnet.py` (helpers reduced to what the blocks use).
+They reproduce what `resfuse.convert` looks at: class names (`BasicBlock`, `Bottleneck`,
+`ResNet`), defining module (`__module__` set to the library's), constructor signatures
+(positional order and defaults), attribute names, registration order and submodule types,
+what is `nn.Identity()` and what is `None` when a feature is off, the weight init, and the
+forward computation op for op. State-dict keys match the real models'.
+
+Mirrored upstream versions:
+- torchvision `torchvision/models/resnet.py`, weights-API era (0.13 and later; the block and
+  ResNet classes have not changed since). Builders drop the `weights`/`progress` arguments:
+  mirrors never download anything.
+- timm `timm/models/resnet.py` at huggingface/pytorch-image-models aa4b5850 (1.0.29.dev0),
+  with the `timm.layers` helpers it uses reduced to plain torch: get_padding, make_divisible,
+  DropPath, DropBlock2d, SEModule (+ create_attn), BlurPool2d (+ create_aa), AvgPool2dSame,
+  Sigmoid, SelectAdaptivePool2d (+ create_classifier), get_act_layer / get_norm_layer.
 """
 from __future__ import annotations
 
+import collections.abc
 import math
 from functools import partial
+from itertools import repeat
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+__all__ = [
+    # torchvision
+    "conv3x3", "conv1x1", "TvBasicBlock", "TvBottleneck", "TvResNet",
+    "tv_resnet18", "tv_resnet50", "tv_resnext50_32x4d", "tv_wide_resnet50_2",
+    # timm helpers
+    "get_padding", "make_divisible", "DropPath", "DropBlock2d", "SEModule", "Sigmoid",
+    "BlurPool2d", "AvgPool2dSame", "SelectAdaptivePool2d", "create_attn", "create_aa",
+    "create_classifier", "get_act_layer", "get_norm_layer",
+    # timm
+    "TimmBasicBlock", "TimmBottleneck", "TimmResNet", "downsample_conv", "downsample_avg",
+    "drop_blocks", "make_blocks",
+    "timm_resnet18", "timm_resnet50", "timm_resnet50d", "timm_seresnet50", "timm_resnext50_32x4d",
+]
 
 
 def _as(module_name: str, name: str):
@@ -26,102 +52,154 @@ def _as(module_name: str, name: str):
     return deco
 
 
-# ============================================================== torchvision
+# ==================================================================================== torchvision
+# torchvision/models/resnet.py (0.13+). `_log_api_usage_once` is left out.
 
-def tv_conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
+            dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding"""
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
                      groups=groups, bias=False, dilation=dilation)
 
 
-def tv_conv1x1(in_planes, out_planes, stride=1):
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution"""
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+tv_conv3x3, tv_conv1x1 = conv3x3, conv1x1  # older names of this file
 
 
 @_as("torchvision.models.resnet", "BasicBlock")
 class TvBasicBlock(nn.Module):
-    expansion = 1
+    expansion: int = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64,
-                 dilation=1, norm_layer=None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
         super().__init__()
-        norm_layer = norm_layer or nn.BatchNorm2d
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock only supports groups=1 and base_width=64")
         if dilation > 1:
             raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
-        self.conv1 = tv_conv3x3(inplanes, planes, stride)
+        # conv1 and downsample both carry the stride
+        self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = tv_conv3x3(planes, planes)
+        self.relu = nn.ReLU(inplace=True)  # one module, applied twice
+        self.conv2 = conv3x3(planes, planes)
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
         if self.downsample is not None:
             identity = self.downsample(x)
+
         out += identity
-        return self.relu(out)
+        out = self.relu(out)
+        return out
 
 
 @_as("torchvision.models.resnet", "Bottleneck")
 class TvBottleneck(nn.Module):
-    expansion = 4
+    # ResNet V1.5: the stride sits on conv2 (3x3), not conv1.
+    expansion: int = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64,
-                 dilation=1, norm_layer=None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
         super().__init__()
-        norm_layer = norm_layer or nn.BatchNorm2d
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = tv_conv1x1(inplanes, width)
+        # conv2 and downsample both carry the stride
+        self.conv1 = conv1x1(inplanes, width)
         self.bn1 = norm_layer(width)
-        self.conv2 = tv_conv3x3(width, width, stride, groups, dilation)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
         self.bn2 = norm_layer(width)
-        self.conv3 = tv_conv1x1(width, planes * self.expansion)
+        self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True)  # registered after bn3; applied three times
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+
+        out = self.conv3(out)
+        out = self.bn3(out)
+
         if self.downsample is not None:
             identity = self.downsample(x)
+
         out += identity
-        return self.relu(out)
+        out = self.relu(out)
+        return out
 
 
 @_as("torchvision.models.resnet", "ResNet")
 class TvResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, zero_init_residual=False, groups=1,
-                 width_per_group=64, replace_stride_with_dilation=None, norm_layer=None):
+    def __init__(self, block: Type[Union[TvBasicBlock, TvBottleneck]], layers: List[int],
+                 num_classes: int = 1000, zero_init_residual: bool = False, groups: int = 1,
+                 width_per_group: int = 64,
+                 replace_stride_with_dilation: Optional[List[bool]] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
         super().__init__()
-        self._norm_layer = norm_layer or nn.BatchNorm2d
-        self.inplanes, self.dilation = 64, 1
-        replace_stride_with_dilation = replace_stride_with_dilation or [False, False, False]
-        self.groups, self.base_width = groups, width_per_group
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self._norm_layer = norm_layer
+
+        self.inplanes = 64
+        self.dilation = 1
+        if replace_stride_with_dilation is None:
+            # one flag per stage 2-4: replace its stride 2 with a dilated convolution
+            replace_stride_with_dilation = [False, False, False]
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation should be None or a 3-element tuple, "
+                             f"got {replace_stride_with_dilation}")
+        self.groups = groups
+        self.base_width = width_per_group
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = self._norm_layer(self.inplanes)
+        self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], 2, replace_stride_with_dilation[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, replace_stride_with_dilation[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], 2, replace_stride_with_dilation[2])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2,
+                                       dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2,
+                                       dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2,
+                                       dilate=replace_stride_with_dilation[2])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
+
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
+
+        # Zero-init the last BN of each residual branch (arXiv:1706.02677).
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, TvBottleneck) and m.bn3.weight is not None:
@@ -129,14 +207,20 @@ class TvResNet(nn.Module):
                 elif isinstance(m, TvBasicBlock) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)
 
-    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
-        norm_layer, downsample, previous_dilation = self._norm_layer, None, self.dilation
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        previous_dilation = self.dilation
         if dilate:
             self.dilation *= stride
             stride = 1
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(tv_conv1x1(self.inplanes, planes * block.expansion, stride),
-                                       norm_layer(planes * block.expansion))
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),  # downsample.0
+                norm_layer(planes * block.expansion),                      # downsample.1
+            )
+
         layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
                         previous_dilation, norm_layer)]
         self.inplanes = planes * block.expansion
@@ -146,277 +230,724 @@ class TvResNet(nn.Module):
                                 norm_layer=norm_layer))
         return nn.Sequential(*layers)
 
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_impl(x)
 
 
-def tv_resnet18(**kw):
-    return TvResNet(TvBasicBlock, [2, 2, 2, 2], **kw)
+def _ovewrite_named_param(kwargs: Dict[str, Any], param: str, new_value: Any) -> None:
+    # torchvision.models._utils: a builder's fixed argument may be repeated but not changed
+    if param in kwargs:
+        if kwargs[param] != new_value:
+            raise ValueError(f"The parameter '{param}' expected value {new_value} "
+                             f"but got {kwargs[param]} instead.")
+    else:
+        kwargs[param] = new_value
 
 
-def tv_resnet50(**kw):
-    return TvResNet(TvBottleneck, [3, 4, 6, 3], **kw)
+def tv_resnet18(num_classes: int = 1000, **kwargs: Any) -> TvResNet:
+    return TvResNet(TvBasicBlock, [2, 2, 2, 2], num_classes=num_classes, **kwargs)
 
 
-def tv_resnext50_32x4d(**kw):
-    return TvResNet(TvBottleneck, [3, 4, 6, 3], groups=32, width_per_group=4, **kw)
+def tv_resnet50(num_classes: int = 1000, **kwargs: Any) -> TvResNet:
+    return TvResNet(TvBottleneck, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
 
 
-def tv_wide_resnet50_2(**kw):
-    return TvResNet(TvBottleneck, [3, 4, 6, 3], width_per_group=128, **kw)
+def tv_resnext50_32x4d(num_classes: int = 1000, **kwargs: Any) -> TvResNet:
+    _ovewrite_named_param(kwargs, "groups", 32)
+    _ovewrite_named_param(kwargs, "width_per_group", 4)
+    return TvResNet(TvBottleneck, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
 
 
-# ============================================================== timm
+def tv_wide_resnet50_2(num_classes: int = 1000, **kwargs: Any) -> TvResNet:
+    _ovewrite_named_param(kwargs, "width_per_group", 64 * 2)
+    return TvResNet(TvBottleneck, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
 
-def get_padding(kernel_size, stride=1, dilation=1):
+
+# ========================================================================= timm.layers helpers
+
+def _ntuple(n):
+    def parse(x):
+        if isinstance(x, collections.abc.Iterable) and not isinstance(x, str):
+            return tuple(x)
+        return tuple(repeat(x, n))
+    return parse
+
+
+to_2tuple = _ntuple(2)
+to_ntuple = _ntuple
+
+
+def get_padding(kernel_size: int, stride: int = 1, dilation: int = 1, **_) -> int:
+    """Symmetric padding (timm.layers.padding; resnet.py keeps its own identical copy)."""
     return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
+def get_same_padding(x: int, kernel_size: int, stride: int, dilation: int) -> int:
+    return max((math.ceil(x / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - x, 0)
+
+
+def pad_same(x, kernel_size, stride, dilation=(1, 1), value: float = 0):
+    ih, iw = x.size()[-2:]
+    pad_h = get_same_padding(ih, kernel_size[0], stride[0], dilation[0])
+    pad_w = get_same_padding(iw, kernel_size[1], stride[1], dilation[1])
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
+
+
+def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:  # don't round down by more than (1 - round_limit)
+        new_v += divisor
+    return new_v
+
+
+@_as("timm.layers.activations", "Sigmoid")
+class Sigmoid(nn.Module):
+    """timm's Sigmoid (has an `inplace` flag); what SEModule's gate 'sigmoid' resolves to."""
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x):
+        return x.sigmoid_() if self.inplace else x.sigmoid()
+
+
+# timm.layers.create_act: name -> layer class (only the ones that take `inplace`, as the blocks
+# call act_layer(inplace=True)). Upstream has more (gelu, tanh, prelu, ... with timm wrappers).
+_ACT_LAYERS = dict(
+    relu=nn.ReLU, relu6=nn.ReLU6, leaky_relu=nn.LeakyReLU, elu=nn.ELU, celu=nn.CELU,
+    selu=nn.SELU, silu=nn.SiLU, swish=nn.SiLU, mish=nn.Mish, hard_swish=nn.Hardswish,
+    hardswish=nn.Hardswish, hard_sigmoid=nn.Hardsigmoid, hardsigmoid=nn.Hardsigmoid,
+    sigmoid=Sigmoid, identity=nn.Identity,
+)
+
+
+def get_act_layer(name="relu"):
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        return name  # a class, partial or callable
+    if not name:
+        return None
+    name = name.lower()
+    if name not in _ACT_LAYERS:
+        raise NotImplementedError(f"mirrors: activation '{name}' is not mirrored")
+    return _ACT_LAYERS[name]
+
+
+def create_act_layer(name, inplace: Optional[bool] = None, **kwargs):
+    act_layer = get_act_layer(name)
+    if act_layer is None:
+        return None
+    if inplace is None:
+        return act_layer(**kwargs)
+    try:
+        return act_layer(inplace=inplace, **kwargs)
+    except TypeError:
+        return act_layer(**kwargs)
+
+
+_NORM_LAYERS = dict(batchnorm=nn.BatchNorm2d, batchnorm2d=nn.BatchNorm2d)
+
+
+def get_norm_layer(norm_layer):
+    """timm.layers.create_norm, reduced: classes/partials pass through, 'batchnorm' maps."""
+    if norm_layer is None or not isinstance(norm_layer, str):
+        return norm_layer
+    key = norm_layer.lower().replace("_", "")
+    if key not in _NORM_LAYERS:
+        raise NotImplementedError(f"mirrors: norm layer '{norm_layer}' is not mirrored")
+    return _NORM_LAYERS[key]
 
 
 @_as("timm.layers.drop", "DropPath")
 class DropPath(nn.Module):
-    def __init__(self, drop_prob=0.0, scale_by_keep=True):
+    """Stochastic depth per sample; identity in eval or when drop_prob == 0."""
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
         super().__init__()
-        self.drop_prob, self.scale_by_keep = drop_prob, scale_by_keep
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
 
     def forward(self, x):
         if self.drop_prob == 0.0 or not self.training:
             return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep if self.scale_by_keep else x * mask
+        keep_prob = 1 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        random_tensor = x.new_empty(shape).bernoulli_(keep_prob)
+        if keep_prob > 0.0 and self.scale_by_keep:
+            random_tensor.div_(keep_prob)
+        return x * random_tensor
+
+    def extra_repr(self):
+        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+def drop_block_2d(x, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,
+                  with_noise: bool = False, inplace: bool = False, couple_channels: bool = True,
+                  scale_by_keep: bool = True):
+    """DropBlock (arXiv:1810.12890), as timm.layers.drop.drop_block_2d."""
+    B, C, H, W = x.shape
+    kh, kw = min(block_size, H), min(block_size, W)
+    gamma = (float(gamma_scale * drop_prob * H * W) / float(kh * kw)
+             / float((H - kh + 1) * (W - kw + 1)))
+    noise_shape = (B, 1 if couple_channels else C, H, W)
+    with torch.no_grad():
+        block_mask = torch.empty(noise_shape, dtype=x.dtype, device=x.device).bernoulli_(gamma)
+        block_mask = F.max_pool2d(block_mask, kernel_size=(kh, kw), stride=1,
+                                  padding=(kh // 2, kw // 2))
+        if kh % 2 == 0 or kw % 2 == 0:  # even kernels give one extra row/column
+            block_mask = block_mask[..., (kh + 1) % 2:, (kw + 1) % 2:]
+        keep_mask = 1.0 - block_mask
+    if with_noise:
+        with torch.no_grad():
+            noise = torch.empty_like(keep_mask).normal_()
+            noise.mul_(block_mask)
+        return x.mul_(keep_mask).add_(noise) if inplace else x * keep_mask + noise
+    if scale_by_keep:
+        with torch.no_grad():
+            scale = keep_mask.numel() / keep_mask.to(dtype=torch.float32).sum().add(1e-7)
+            keep_mask.mul_(scale.to(x.dtype))
+    return x.mul_(keep_mask) if inplace else x * keep_mask
 
 
 @_as("timm.layers.drop", "DropBlock2d")
 class DropBlock2d(nn.Module):
-    def __init__(self, drop_prob=0.1, block_size=7):
+    """Identity in eval or when drop_prob == 0."""
+    def __init__(self, drop_prob: float = 0.1, block_size: int = 7, gamma_scale: float = 1.0,
+                 with_noise: bool = False, inplace: bool = False, couple_channels: bool = True,
+                 scale_by_keep: bool = True, **kwargs):
         super().__init__()
-        self.drop_prob, self.block_size = drop_prob, block_size
+        self.drop_prob = drop_prob
+        self.gamma_scale = gamma_scale
+        self.block_size = block_size
+        self.with_noise = with_noise
+        self.inplace = inplace
+        self.couple_channels = couple_channels
+        self.scale_by_keep = scale_by_keep
 
     def forward(self, x):
         if not self.training or not self.drop_prob:
             return x
-        gamma = self.drop_prob / self.block_size ** 2
-        mask = (torch.rand_like(x[:, :1]) < gamma).float()
-        mask = 1 - F.max_pool2d(mask, self.block_size, 1, self.block_size // 2)
-        return x * mask * mask.numel() / mask.sum().clamp_min(1)
+        return drop_block_2d(x, self.drop_prob, self.block_size, self.gamma_scale,
+                             self.with_noise, self.inplace, self.couple_channels,
+                             self.scale_by_keep)
 
 
 @_as("timm.layers.squeeze_excite", "SEModule")
 class SEModule(nn.Module):
-    def __init__(self, channels, rd_ratio=1 / 16):
+    """Squeeze-excitation: x * gate(fc2(act(bn(fc1(mean_hw(x))))))."""
+    def __init__(self, channels: int, rd_ratio: float = 1.0 / 16, rd_channels: Optional[int] = None,
+                 rd_divisor: int = 8, add_maxpool: bool = False, bias: bool = True,
+                 act_layer=nn.ReLU, norm_layer=None, gate_layer="sigmoid",
+                 device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        rd = max(8, int(channels * rd_ratio))
-        self.fc1 = nn.Conv2d(channels, rd, 1, bias=True)
-        self.bn = nn.Identity()
-        self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(rd, channels, 1, bias=True)
-        self.gate = nn.Sigmoid()
+        self.add_maxpool = add_maxpool
+        if not rd_channels:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
+        self.bn = norm_layer(rd_channels, **dd) if norm_layer else nn.Identity()
+        self.act = create_act_layer(act_layer, inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=bias, **dd)
+        self.gate = create_act_layer(gate_layer)
 
     def forward(self, x):
-        s = self.fc2(self.act(self.bn(self.fc1(x.mean((2, 3), keepdim=True)))))
-        return x * self.gate(s)
+        x_se = x.mean((2, 3), keepdim=True)
+        if self.add_maxpool:
+            x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
+        x_se = self.fc1(x_se)
+        x_se = self.act(self.bn(x_se))
+        x_se = self.fc2(x_se)
+        return x * self.gate(x_se)
+
+
+def get_attn(attn_type):
+    """timm.layers.create_attn.get_attn, reduced to 'se' / True / a class or partial."""
+    if isinstance(attn_type, nn.Module):
+        return attn_type
+    module_cls = None
+    if attn_type:
+        if isinstance(attn_type, str):
+            if attn_type.lower() != "se":
+                raise NotImplementedError(f"mirrors: attention '{attn_type}' is not mirrored")
+            module_cls = SEModule
+        elif isinstance(attn_type, bool):
+            module_cls = SEModule
+        else:
+            module_cls = attn_type
+    return module_cls
+
+
+def create_attn(attn_type, channels, **kwargs):
+    """An attention module, or None (not Identity) when attn_type is falsy."""
+    module_cls = get_attn(attn_type)
+    if module_cls is not None:
+        return module_cls(channels, **kwargs)
+    return None
 
 
 @_as("timm.layers.blur_pool", "BlurPool2d")
 class BlurPool2d(nn.Module):
-    def __init__(self, channels, filt_size=3, stride=2):
+    """Anti-aliased downsampling: reflect-pad, then a fixed binomial depthwise conv at `stride`."""
+    def __init__(self, channels: Optional[int] = None, filt_size: int = 3, stride: int = 2,
+                 pad_mode: str = "reflect", device=None, dtype=None) -> None:
         super().__init__()
-        self.channels, self.stride = channels, stride
-        k = torch.tensor([1.0, 2.0, 1.0])
-        k = (k[:, None] * k[None, :]) / 16
-        self.register_buffer("filt", k[None, None].repeat(channels, 1, 1, 1), persistent=False)
+        assert filt_size > 1
+        self.channels = channels
+        self.filt_size = filt_size
+        self.stride = stride
+        self.pad_mode = pad_mode
+        self.padding = [get_padding(filt_size, stride, dilation=1)] * 4
+        coeffs = torch.tensor([math.comb(filt_size - 1, k) for k in range(filt_size)],
+                              dtype=torch.float32) / (2 ** (filt_size - 1))
+        blur = (coeffs[:, None] * coeffs[None, :])[None, None, :, :]
+        if channels is not None:
+            blur = blur.repeat(channels, 1, 1, 1)
+        # non-persistent: no state-dict key, as upstream
+        self.register_buffer("filt", blur.to(device=device, dtype=dtype), persistent=False)
 
     def forward(self, x):
-        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=self.stride,
-                        groups=self.channels)
+        x = F.pad(x, self.padding, mode=self.pad_mode)
+        if self.channels is None:
+            channels = x.shape[1]
+            weight = self.filt.expand(channels, 1, self.filt_size, self.filt_size)
+        else:
+            channels, weight = self.channels, self.filt
+        return F.conv2d(x, weight, stride=self.stride, groups=channels)
 
 
-def create_aa(aa_layer, channels, stride=2, enable=True):
+def create_aa(aa_layer, channels: Optional[int] = None, stride: int = 2, enable: bool = True,
+              noop=nn.Identity, device=None, dtype=None):
+    """An anti-aliasing layer, or nn.Identity() (noop) when aa_layer is falsy or not enabled."""
     if not aa_layer or not enable:
-        return nn.Identity()
-    if issubclass(aa_layer, nn.AvgPool2d):
-        return aa_layer(stride)
-    return aa_layer(channels=channels, stride=stride)
+        return noop() if noop is not None else None
+    if isinstance(aa_layer, str):
+        key = aa_layer.lower().replace("_", "").replace("-", "")
+        aa_layer = {"avg": nn.AvgPool2d, "avgpool": nn.AvgPool2d, "blur": BlurPool2d,
+                    "blurpool": BlurPool2d, "blurpc": partial(BlurPool2d, pad_mode="constant")}[key]
+    try:
+        return aa_layer(channels=channels, stride=stride)
+    except TypeError:
+        return aa_layer(stride)  # e.g. nn.AvgPool2d(stride): kernel = stride = 2
 
 
-def create_attn(attn_layer, channels):
-    return None if attn_layer is None else attn_layer(channels)
+@_as("timm.layers.pool2d_same", "AvgPool2dSame")
+class AvgPool2dSame(nn.AvgPool2d):
+    """TF-'SAME' average pooling (used by downsample_avg when a stage is dilated)."""
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True):
+        super().__init__(to_2tuple(kernel_size), to_2tuple(stride), (0, 0), ceil_mode,
+                         count_include_pad)
 
+    def forward(self, x):
+        x = pad_same(x, self.kernel_size, self.stride)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad)
+
+
+@_as("timm.layers.adaptive_avgmax_pool", "SelectAdaptivePool2d")
+class SelectAdaptivePool2d(nn.Module):
+    """Global pooling ('avg', 'max' or '' = pass-through) + optional flatten; no parameters."""
+    def __init__(self, output_size=1, pool_type: str = "fast", flatten: bool = False,
+                 input_fmt: str = "NCHW"):
+        super().__init__()
+        self.pool_type = pool_type or ""
+        pool_type = self.pool_type.lower()
+        if not pool_type:
+            self.pool = nn.Identity()
+        elif pool_type == "avg":
+            self.pool = nn.AdaptiveAvgPool2d(output_size)
+        elif pool_type == "max":
+            self.pool = nn.AdaptiveMaxPool2d(output_size)
+        else:
+            raise NotImplementedError(f"mirrors: pool type '{pool_type}' is not mirrored")
+        self.flatten = nn.Flatten(1) if flatten else nn.Identity()
+
+    def is_identity(self):
+        return not self.pool_type
+
+    def forward(self, x):
+        return self.flatten(self.pool(x))
+
+    def feat_mult(self):
+        return 1
+
+
+def create_classifier(num_features: int, num_classes: int, pool_type: str = "avg",
+                      use_conv: bool = False, device=None, dtype=None):
+    """(global_pool, fc); fc is nn.Identity() when num_classes <= 0."""
+    flatten_in_pool = not use_conv and bool(pool_type)
+    global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=flatten_in_pool)
+    n = num_features * global_pool.feat_mult()
+    if num_classes <= 0:
+        fc = nn.Identity()
+    elif use_conv:
+        fc = nn.Conv2d(n, num_classes, 1, bias=True, device=device, dtype=dtype)
+    else:
+        fc = nn.Linear(n, num_classes, bias=True, device=device, dtype=dtype)
+    return global_pool, fc
+
+
+# =========================================================================== timm.models.resnet
 
 @_as("timm.models.resnet", "BasicBlock")
 class TimmBasicBlock(nn.Module):
+    # forward: conv1 bn1 drop_block act1 aa | conv2 bn2 [se] [drop_path] | += shortcut, act2
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=1, base_width=64,
-                 reduce_first=1, dilation=1, first_dilation=None, act_layer=nn.ReLU,
-                 norm_layer=nn.BatchNorm2d, attn_layer=None, aa_layer=None, drop_block=None,
-                 drop_path=None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, cardinality: int = 1,
+                 base_width: int = 64, reduce_first: int = 1, dilation: int = 1,
+                 first_dilation: Optional[int] = None, act_layer: Type[nn.Module] = nn.ReLU,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+                 attn_layer: Optional[Type[nn.Module]] = None,
+                 aa_layer: Optional[Type[nn.Module]] = None,
+                 drop_block: Optional[Type[nn.Module]] = None,
+                 drop_path: Optional[nn.Module] = None, device=None, dtype=None) -> None:
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        assert cardinality == 1 and base_width == 64
+        assert cardinality == 1, "BasicBlock only supports cardinality of 1"
+        assert base_width == 64, "BasicBlock does not support changing base width"
         first_planes = planes // reduce_first
         outplanes = planes * self.expansion
         first_dilation = first_dilation or dilation
         use_aa = aa_layer is not None and (stride == 2 or first_dilation != dilation)
-        self.conv1 = nn.Conv2d(inplanes, first_planes, 3, stride=1 if use_aa else stride,
-                               padding=first_dilation, dilation=first_dilation, bias=False)
-        self.bn1 = norm_layer(first_planes)
+
+        # with aa, conv1 runs at stride 1 and self.aa does the striding after act1
+        self.conv1 = nn.Conv2d(inplanes, first_planes, kernel_size=3,
+                               stride=1 if use_aa else stride, padding=first_dilation,
+                               dilation=first_dilation, bias=False, **dd)
+        self.bn1 = norm_layer(first_planes, **dd)
         self.drop_block = drop_block() if drop_block is not None else nn.Identity()
         self.act1 = act_layer(inplace=True)
-        self.aa = create_aa(aa_layer, channels=first_planes, stride=stride, enable=use_aa)
-        self.conv2 = nn.Conv2d(first_planes, outplanes, 3, padding=dilation, dilation=dilation,
-                               bias=False)
-        self.bn2 = norm_layer(outplanes)
-        self.se = create_attn(attn_layer, outplanes)
+        self.aa = create_aa(aa_layer, channels=first_planes, stride=stride, enable=use_aa, **dd)
+
+        self.conv2 = nn.Conv2d(first_planes, outplanes, kernel_size=3, padding=dilation,
+                               dilation=dilation, bias=False, **dd)
+        self.bn2 = norm_layer(outplanes, **dd)
+
+        self.se = create_attn(attn_layer, outplanes, **dd)  # None when off
+
         self.act2 = act_layer(inplace=True)
         self.downsample = downsample
-        self.stride, self.dilation = stride, dilation
-        self.drop_path = drop_path
+        self.stride = stride
+        self.dilation = dilation
+        self.drop_path = drop_path  # None when off (not Identity)
 
-    def zero_init_last(self):
+    def zero_init_last(self) -> None:
         if getattr(self.bn2, "weight", None) is not None:
             nn.init.zeros_(self.bn2.weight)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        x = self.bn2(self.conv2(x))
+
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.drop_block(x)
+        x = self.act1(x)
+        x = self.aa(x)
+
+        x = self.conv2(x)
+        x = self.bn2(x)
+
         if self.se is not None:
             x = self.se(x)
+
         if self.drop_path is not None:
             x = self.drop_path(x)
+
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         x += shortcut
-        return self.act2(x)
+        x = self.act2(x)
+        return x
 
 
 @_as("timm.models.resnet", "Bottleneck")
 class TimmBottleneck(nn.Module):
+    # forward: conv1 bn1 act1 | conv2 bn2 drop_block act2 aa | conv3 bn3 [se] [drop_path]
+    #          | += shortcut, act3
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=1, base_width=64,
-                 reduce_first=1, dilation=1, first_dilation=None, act_layer=nn.ReLU,
-                 norm_layer=nn.BatchNorm2d, attn_layer=None, aa_layer=None, drop_block=None,
-                 drop_path=None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, cardinality: int = 1,
+                 base_width: int = 64, reduce_first: int = 1, dilation: int = 1,
+                 first_dilation: Optional[int] = None, act_layer: Type[nn.Module] = nn.ReLU,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+                 attn_layer: Optional[Type[nn.Module]] = None,
+                 aa_layer: Optional[Type[nn.Module]] = None,
+                 drop_block: Optional[Type[nn.Module]] = None,
+                 drop_path: Optional[nn.Module] = None, device=None, dtype=None) -> None:
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         width = int(math.floor(planes * (base_width / 64)) * cardinality)
         first_planes = width // reduce_first
         outplanes = planes * self.expansion
         first_dilation = first_dilation or dilation
         use_aa = aa_layer is not None and (stride == 2 or first_dilation != dilation)
-        self.conv1 = nn.Conv2d(inplanes, first_planes, 1, bias=False)
-        self.bn1 = norm_layer(first_planes)
+
+        self.conv1 = nn.Conv2d(inplanes, first_planes, kernel_size=1, bias=False, **dd)
+        self.bn1 = norm_layer(first_planes, **dd)
         self.act1 = act_layer(inplace=True)
-        self.conv2 = nn.Conv2d(first_planes, width, 3, stride=1 if use_aa else stride,
+
+        # stride on the 3x3 (V1.5); with aa it moves to self.aa after act2
+        self.conv2 = nn.Conv2d(first_planes, width, kernel_size=3, stride=1 if use_aa else stride,
                                padding=first_dilation, dilation=first_dilation,
-                               groups=cardinality, bias=False)
-        self.bn2 = norm_layer(width)
+                               groups=cardinality, bias=False, **dd)
+        self.bn2 = norm_layer(width, **dd)
         self.drop_block = drop_block() if drop_block is not None else nn.Identity()
         self.act2 = act_layer(inplace=True)
-        self.aa = create_aa(aa_layer, channels=width, stride=stride, enable=use_aa)
-        self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
-        self.bn3 = norm_layer(outplanes)
-        self.se = create_attn(attn_layer, outplanes)
+        self.aa = create_aa(aa_layer, channels=width, stride=stride, enable=use_aa, **dd)
+
+        self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False, **dd)
+        self.bn3 = norm_layer(outplanes, **dd)
+
+        self.se = create_attn(attn_layer, outplanes, **dd)  # None when off
+
         self.act3 = act_layer(inplace=True)
         self.downsample = downsample
-        self.stride, self.dilation = stride, dilation
-        self.drop_path = drop_path
+        self.stride = stride
+        self.dilation = dilation
+        self.drop_path = drop_path  # None when off (not Identity)
 
-    def zero_init_last(self):
+    def zero_init_last(self) -> None:
         if getattr(self.bn3, "weight", None) is not None:
             nn.init.zeros_(self.bn3.weight)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        x = self.bn3(self.conv3(x))
+
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.drop_block(x)
+        x = self.act2(x)
+        x = self.aa(x)
+
+        x = self.conv3(x)
+        x = self.bn3(x)
+
         if self.se is not None:
             x = self.se(x)
+
         if self.drop_path is not None:
             x = self.drop_path(x)
+
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         x += shortcut
-        return self.act3(x)
+        x = self.act3(x)
+        return x
 
 
-def downsample_conv(in_channels, out_channels, kernel_size, stride=1, dilation=1,
-                    first_dilation=None, norm_layer=None):
+def downsample_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                    dilation: int = 1, first_dilation: Optional[int] = None,
+                    norm_layer: Optional[Type[nn.Module]] = None, device=None,
+                    dtype=None) -> nn.Module:
+    """Sequential(0: conv (1x1 unless strided/dilated with down_kernel_size > 1), 1: norm)."""
+    dd = {"device": device, "dtype": dtype}
     norm_layer = norm_layer or nn.BatchNorm2d
     kernel_size = 1 if stride == 1 and dilation == 1 else kernel_size
     first_dilation = (first_dilation or dilation) if kernel_size > 1 else 1
     p = get_padding(kernel_size, stride, first_dilation)
-    return nn.Sequential(*[nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                                     padding=p, dilation=first_dilation, bias=False),
-                           norm_layer(out_channels)])
+    return nn.Sequential(*[
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=p,
+                  dilation=first_dilation, bias=False, **dd),
+        norm_layer(out_channels, **dd),
+    ])
 
 
-def downsample_avg(in_channels, out_channels, kernel_size, stride=1, dilation=1,
-                   first_dilation=None, norm_layer=None):
+def downsample_avg(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                   dilation: int = 1, first_dilation: Optional[int] = None,
+                   norm_layer: Optional[Type[nn.Module]] = None, device=None,
+                   dtype=None) -> nn.Module:
+    """Sequential(0: pool or Identity, 1: 1x1 conv at stride 1, 2: norm); kernel_size unused."""
+    dd = {"device": device, "dtype": dtype}
     norm_layer = norm_layer or nn.BatchNorm2d
     avg_stride = stride if dilation == 1 else 1
     if stride == 1 and dilation == 1:
         pool = nn.Identity()
     else:
-        pool = nn.AvgPool2d(2, avg_stride, ceil_mode=True, count_include_pad=False)
-    return nn.Sequential(*[pool, nn.Conv2d(in_channels, out_channels, 1, stride=1, padding=0,
-                                           bias=False), norm_layer(out_channels)])
+        avg_pool_fn = AvgPool2dSame if avg_stride == 1 and dilation > 1 else nn.AvgPool2d
+        pool = avg_pool_fn(2, avg_stride, ceil_mode=True, count_include_pad=False)
+    return nn.Sequential(*[
+        pool,
+        nn.Conv2d(in_channels, out_channels, 1, stride=1, padding=0, bias=False, **dd),
+        norm_layer(out_channels, **dd),
+    ])
+
+
+def drop_blocks(drop_prob: float = 0.0):
+    """Per-stage DropBlock factories: none in stages 1-2, then block 5 / gamma 0.25 and 3 / 1.0."""
+    return [
+        None, None,
+        partial(DropBlock2d, drop_prob=drop_prob, block_size=5, gamma_scale=0.25)
+        if drop_prob else None,
+        partial(DropBlock2d, drop_prob=drop_prob, block_size=3, gamma_scale=1.00)
+        if drop_prob else None,
+    ]
+
+
+def make_blocks(block_fns, channels, block_repeats, inplanes: int, reduce_first: int = 1,
+                output_stride: int = 32, down_kernel_size: int = 1, avg_down: bool = False,
+                drop_block_rate: float = 0.0, drop_path_rate: float = 0.0, device=None,
+                dtype=None, **kwargs) -> Tuple[List[Tuple[str, nn.Module]], List[Dict[str, Any]]]:
+    dd = {"device": device, "dtype": dtype}
+    stages, feature_info = [], []
+    net_num_blocks = sum(block_repeats)
+    net_block_idx = 0
+    net_stride = 4
+    dilation = prev_dilation = 1
+    for stage_idx, (block_fn, planes, num_blocks, db) in enumerate(
+            zip(block_fns, channels, block_repeats, drop_blocks(drop_block_rate))):
+        stage_name = f"layer{stage_idx + 1}"
+        stride = 1 if stage_idx == 0 else 2
+        if net_stride >= output_stride:
+            dilation *= stride
+            stride = 1
+        else:
+            net_stride *= stride
+
+        downsample = None
+        if stride != 1 or inplanes != planes * block_fn.expansion:
+            down_kwargs = dict(in_channels=inplanes, out_channels=planes * block_fn.expansion,
+                               kernel_size=down_kernel_size, stride=stride, dilation=dilation,
+                               first_dilation=prev_dilation, norm_layer=kwargs.get("norm_layer"),
+                               **dd)
+            downsample = downsample_avg(**down_kwargs) if avg_down else downsample_conv(**down_kwargs)
+
+        block_kwargs = dict(reduce_first=reduce_first, dilation=dilation, drop_block=db, **kwargs)
+        blocks = []
+        for block_idx in range(num_blocks):
+            downsample = downsample if block_idx == 0 else None
+            stride = stride if block_idx == 0 else 1
+            # stochastic depth, linear in the network-wide block index (0 for the first block)
+            block_dpr = drop_path_rate * net_block_idx / (net_num_blocks - 1)
+            blocks.append(block_fn(inplanes, planes, stride, downsample,
+                                   first_dilation=prev_dilation,
+                                   drop_path=DropPath(block_dpr) if block_dpr > 0.0 else None,
+                                   **block_kwargs, **dd))
+            prev_dilation = dilation
+            inplanes = planes * block_fn.expansion
+            net_block_idx += 1
+
+        stages.append((stage_name, nn.Sequential(*blocks)))
+        feature_info.append(dict(num_chs=inplanes, reduction=net_stride, module=stage_name))
+    return stages, feature_info
 
 
 @_as("timm.models.resnet", "ResNet")
 class TimmResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, in_chans=3, cardinality=1, base_width=64,
-                 stem_width=64, stem_type="", avg_down=False, down_kernel_size=1,
-                 act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d, aa_layer=None, drop_path_rate=0.0,
-                 drop_block_rate=0.0, zero_init_last=True, block_args=None):
+    """timm ResNet / ResNeXt / SE-ResNet. Stems: '' (7x7 conv), 'deep' (3x 3x3 convs of
+    stem_width, stem_width, 2*stem_width), 'deep_tiered'. Layout: conv1, bn1, act1, maxpool,
+    layer1..layer4, global_pool, fc."""
+
+    def __init__(self, block, layers: Tuple[int, ...], num_classes: int = 1000, in_chans: int = 3,
+                 output_stride: int = 32, global_pool: str = "avg", cardinality: int = 1,
+                 base_width: int = 64, stem_width: int = 64, stem_type: str = "",
+                 replace_stem_pool: bool = False, block_reduce_first: int = 1,
+                 down_kernel_size: int = 1, avg_down: bool = False,
+                 channels: Optional[Tuple[int, ...]] = (64, 128, 256, 512),
+                 act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d,
+                 aa_layer: Optional[Type[nn.Module]] = None, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, drop_block_rate: float = 0.0,
+                 zero_init_last: bool = True, block_args: Optional[Dict[str, Any]] = None,
+                 device=None, dtype=None):
         super().__init__()
-        block_args = block_args or {}
+        dd = {"device": device, "dtype": dtype}
+        block_args = block_args or dict()
+        assert output_stride in (8, 16, 32)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
+
+        # Stem. The deep stem's last conv (conv1.6) is normalised by bn1, outside the Sequential.
         deep_stem = "deep" in stem_type
         inplanes = stem_width * 2 if deep_stem else 64
         if deep_stem:
             stem_chs = (stem_width, stem_width)
+            if "tiered" in stem_type:
+                stem_chs = (3 * (stem_width // 4), stem_width)
             self.conv1 = nn.Sequential(*[
-                nn.Conv2d(in_chans, stem_chs[0], 3, stride=2, padding=1, bias=False),
-                norm_layer(stem_chs[0]), act_layer(inplace=True),
-                nn.Conv2d(stem_chs[0], stem_chs[1], 3, stride=1, padding=1, bias=False),
-                norm_layer(stem_chs[1]), act_layer(inplace=True),
-                nn.Conv2d(stem_chs[1], inplanes, 3, stride=1, padding=1, bias=False)])
+                nn.Conv2d(in_chans, stem_chs[0], 3, stride=2, padding=1, bias=False, **dd),  # 0
+                norm_layer(stem_chs[0], **dd),                                               # 1
+                act_layer(inplace=True),                                                     # 2
+                nn.Conv2d(stem_chs[0], stem_chs[1], 3, stride=1, padding=1, bias=False, **dd),  # 3
+                norm_layer(stem_chs[1], **dd),                                               # 4
+                act_layer(inplace=True),                                                     # 5
+                nn.Conv2d(stem_chs[1], inplanes, 3, stride=1, padding=1, bias=False, **dd)])  # 6
         else:
-            self.conv1 = nn.Conv2d(in_chans, inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(inplanes)
+            self.conv1 = nn.Conv2d(in_chans, inplanes, kernel_size=7, stride=2, padding=3,
+                                   bias=False, **dd)
+        self.bn1 = norm_layer(inplanes, **dd)
         self.act1 = act_layer(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        net_num_blocks, net_block_idx = sum(layers), 0
-        channels = [64, 128, 256, 512]
-        prev_dilation = 1
-        for stage_idx, (planes, num_blocks) in enumerate(zip(channels, layers)):
-            stride = 1 if stage_idx == 0 else 2
-            downsample = None
-            if stride != 1 or inplanes != planes * block.expansion:
-                kw = dict(in_channels=inplanes, out_channels=planes * block.expansion,
-                          kernel_size=down_kernel_size, stride=stride, dilation=1,
-                          first_dilation=prev_dilation, norm_layer=norm_layer)
-                downsample = downsample_avg(**kw) if avg_down else downsample_conv(**kw)
-            blocks = []
-            for block_idx in range(num_blocks):
-                dpr = drop_path_rate * net_block_idx / (net_num_blocks - 1)
-                db = partial(DropBlock2d, drop_prob=drop_block_rate) if (drop_block_rate and stage_idx >= 2) else None
-                blocks.append(block(inplanes, planes, stride if block_idx == 0 else 1,
-                                    downsample if block_idx == 0 else None,
-                                    cardinality=cardinality, base_width=base_width,
-                                    act_layer=act_layer, norm_layer=norm_layer, aa_layer=aa_layer,
-                                    drop_block=db, drop_path=DropPath(dpr) if dpr > 0.0 else None,
-                                    **block_args))
-                inplanes = planes * block.expansion
-                net_block_idx += 1
-            self.add_module(f"layer{stage_idx + 1}", nn.Sequential(*blocks))
-        self.num_features = 512 * block.expansion
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(self.num_features, num_classes)
-        for m in self.modules():
+        self.feature_info = [dict(num_chs=inplanes, reduction=2, module="act1")]
+
+        # Stem pooling ('maxpool' kept as the name for weight compatibility).
+        if replace_stem_pool:
+            self.maxpool = nn.Sequential(*filter(None, [
+                nn.Conv2d(inplanes, inplanes, 3, stride=1 if aa_layer else 2, padding=1,
+                          bias=False, **dd),
+                create_aa(aa_layer, channels=inplanes, stride=2, **dd) if aa_layer is not None else None,
+                norm_layer(inplanes, **dd),
+                act_layer(inplace=True),
+            ]))
+        else:
+            if aa_layer is not None:
+                if issubclass(aa_layer, nn.AvgPool2d):
+                    self.maxpool = aa_layer(2)
+                else:
+                    self.maxpool = nn.Sequential(*[
+                        nn.MaxPool2d(kernel_size=3, stride=1, padding=1),
+                        aa_layer(channels=inplanes, stride=2, **dd)])
+            else:
+                self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        # Stages
+        block_fns = to_ntuple(len(channels))(block)
+        stage_modules, stage_feature_info = make_blocks(
+            block_fns, channels, layers, inplanes, cardinality=cardinality, base_width=base_width,
+            output_stride=output_stride, reduce_first=block_reduce_first, avg_down=avg_down,
+            down_kernel_size=down_kernel_size, act_layer=act_layer, norm_layer=norm_layer,
+            aa_layer=aa_layer, drop_block_rate=drop_block_rate, drop_path_rate=drop_path_rate,
+            **block_args, **dd)
+        for stage in stage_modules:
+            self.add_module(*stage)  # layer1 .. layer4
+        self.feature_info.extend(stage_feature_info)
+
+        # Head
+        self.num_features = self.head_hidden_size = channels[-1] * block_fns[-1].expansion
+        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes,
+                                                      pool_type=global_pool, **dd)
+
+        self.init_weights(zero_init_last=zero_init_last)
+
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        # Only convs are re-initialised; BN and fc keep torch's defaults.
+        for _, m in self.named_modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if zero_init_last:
@@ -424,28 +955,67 @@ class TimmResNet(nn.Module):
                 if hasattr(m, "zero_init_last"):
                     m.zero_init_last()
 
-    def forward(self, x):
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.global_pool(x), 1))
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable  # recorded only; the mirror never checkpoints
+
+    def get_classifier(self, name_only: bool = False):
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes,
+                                                      pool_type=global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
 
 
-def timm_resnet18(**kw):
-    return TimmResNet(TimmBasicBlock, [2, 2, 2, 2], **kw)
+# Builders: as timm's registered entrypoints, caller kwargs override the model's defaults.
+def _create_timm_resnet(num_classes: int, model_args: Dict[str, Any], **kwargs) -> TimmResNet:
+    return TimmResNet(**dict(model_args, num_classes=num_classes, **kwargs))
 
 
-def timm_resnet50(**kw):
-    return TimmResNet(TimmBottleneck, [3, 4, 6, 3], **kw)
+def timm_resnet18(num_classes: int = 1000, **kwargs: Any) -> TimmResNet:
+    return _create_timm_resnet(num_classes, dict(block=TimmBasicBlock, layers=(2, 2, 2, 2)),
+                               **kwargs)
 
 
-def timm_resnet50d(**kw):
-    return TimmResNet(TimmBottleneck, [3, 4, 6, 3], stem_width=32, stem_type="deep",
-                      avg_down=True, **kw)
+def timm_resnet50(num_classes: int = 1000, **kwargs: Any) -> TimmResNet:
+    return _create_timm_resnet(num_classes, dict(block=TimmBottleneck, layers=(3, 4, 6, 3)),
+                               **kwargs)
 
 
-def timm_seresnet50(**kw):
-    return TimmResNet(TimmBottleneck, [3, 4, 6, 3], block_args=dict(attn_layer=SEModule), **kw)
+def timm_resnet50d(num_classes: int = 1000, **kwargs: Any) -> TimmResNet:
+    return _create_timm_resnet(num_classes, dict(block=TimmBottleneck, layers=(3, 4, 6, 3),
+                                                 stem_width=32, stem_type="deep", avg_down=True),
+                               **kwargs)
 
 
-def timm_resnext50_32x4d(**kw):
-    return TimmResNet(TimmBottleneck, [3, 4, 6, 3], cardinality=32, base_width=4, **kw)
+def timm_seresnet50(num_classes: int = 1000, **kwargs: Any) -> TimmResNet:
+    return _create_timm_resnet(num_classes, dict(block=TimmBottleneck, layers=(3, 4, 6, 3),
+                                                 block_args=dict(attn_layer="se")), **kwargs)
+
+
+def timm_resnext50_32x4d(num_classes: int = 1000, **kwargs: Any) -> TimmResNet:
+    return _create_timm_resnet(num_classes, dict(block=TimmBottleneck, layers=(3, 4, 6, 3),
+                                                 cardinality=32, base_width=4), **kwargs)
