@@ -7,7 +7,7 @@ tensors are not errors: every backend handles any strides.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -95,17 +95,18 @@ def _conv_params(weight: torch.Tensor, stride, padding, dilation, groups) -> Con
     return ConvParams(stride, padding, dilation, groups, pre_pad)
 
 
-def _check_tensor(name: str, t, ref: torch.Tensor, shape: Optional[Sequence[int]] = None,
+def _check_tensor(name: str, t, ref: torch.Tensor, shape: Optional[Tuple[int, ...]] = None,
                   *, same_dtype: bool = True):
+    # `shape` is a tuple: torch.Size compares equal to tuples only.
     if not isinstance(t, torch.Tensor):
         _fail(f"{name}: expected a Tensor, got {type(t).__name__}")
     if t.device != ref.device:
         _fail(f"{name}: expected a tensor on {ref.device} (the device of x), got {t.device}")
-    dtype = t.dtype
-    if dtype != ref.dtype and (same_dtype or not dtype.is_floating_point):
+    if t.dtype != ref.dtype:  # x is floating point, so a tensor of its dtype needs no more checks
         if same_dtype:
-            _fail(f"{name}: expected dtype {ref.dtype} (the dtype of x), got {dtype}")
-        _fail(f"{name}: expected a floating-point tensor, got {dtype}")
+            _fail(f"{name}: expected dtype {ref.dtype} (the dtype of x), got {t.dtype}")
+        if not t.dtype.is_floating_point:
+            _fail(f"{name}: expected a floating-point tensor, got {t.dtype}")
     if shape is not None and t.shape != shape:
         _fail(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 

@@ -10,6 +10,7 @@ conv -> add -> act pieces run instead, and the refusal is remembered so it costs
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Set
 
 import torch
@@ -42,20 +43,14 @@ def set_cpu_fused_conv(enabled: bool) -> bool:
     return old
 
 
-_MISSING = object()
-_onednn_cached = _MISSING
-
-
+@functools.lru_cache(maxsize=None)
 def _onednn_op():
     """oneDNN's fused conv op, or None where this torch has none (looked up once)."""
-    global _onednn_cached
-    if _onednn_cached is _MISSING:
-        try:
-            _onednn_cached = (torch.ops.mkldnn._convolution_pointwise
-                              if torch.backends.mkldnn.is_available() else None)
-        except (AttributeError, RuntimeError):
-            _onednn_cached = None
-    return _onednn_cached
+    try:
+        return (torch.ops.mkldnn._convolution_pointwise
+                if torch.backends.mkldnn.is_available() else None)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 @torch.no_grad()
