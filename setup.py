@@ -115,6 +115,11 @@ def cuda_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + \
         sorted(glob.glob(os.path.join("csrc", "*.cu")))
     defines = arch_list_define(PLAN["arch_list"])
+    # The libstdc++ ABI torch was built with, said explicitly: some torch versions no longer
+    # pass it, and a compiler whose default differs builds an extension that crashes the first
+    # time an error message (a std::string) crosses into libc10.
+    import torch
+    defines = defines + [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     return CUDAExtension(
         name="resfuse._C",
         sources=sources,
@@ -220,10 +225,14 @@ class develop(_develop):
     here, which would build against a freshly downloaded torch. Run it without."""
 
     def run(self):
+        # A pip that falls back to the legacy `setup.py develop` for `pip install -e` would
+        # call back in here: then do setuptools' own develop instead of recursing.
+        if os.environ.get("RESFUSE_DEVELOP_VIA_PIP"):
+            return super().run()
         cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", ROOT]
         if getattr(self, "no_deps", False):
             cmd.append("--no-deps")
-        subprocess.check_call(cmd)
+        subprocess.check_call(cmd, env=dict(os.environ, RESFUSE_DEVELOP_VIA_PIP="1"))
 
 
 cmdclass["develop"] = develop

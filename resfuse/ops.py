@@ -93,8 +93,8 @@ def conv_bn_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     negative_slope: float, backend: str, save_for_backward: bool
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, z, mean, invstd, u): z (the conv output), mean/invstd (what BN used) and
-    u (the pre-activation, for activations whose backward reads it) only when
-    `save_for_backward`; z only when there is a conv."""
+    u (what the backend's `forward_saves` names: the pre-activation, or a packed 1-bit mask)
+    only when `save_for_backward`; z only when there is a conv."""
     be = dispatch.get(backend)
     act = Activation(activation, negative_slope)
     p = _params(stride, padding, dilation, groups)
@@ -118,7 +118,13 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batche
     if not save_for_backward:
         return y, _empty(x), _empty(x), _empty(x), _empty(x)
     stats = x.new_empty(z.shape[1], dtype=acc_dtype(x.dtype))
-    u = torch.empty_like(z) if Activation(activation, negative_slope).saves == "input" else _empty(x)
+    saves = dispatch.get(backend).forward_saves(Activation(activation, negative_slope))
+    if saves == "input":
+        u = torch.empty_like(z)
+    elif saves == "mask":  # 1 bit per element, packed into int32 words
+        u = x.new_empty((z.numel() + 31) // 32, dtype=torch.int32)
+    else:
+        u = _empty(x)
     return (y, torch.empty_like(z) if weight is not None else _empty(x), stats,
             torch.empty_like(stats), u)
 
@@ -170,7 +176,8 @@ def conv_bn_act_bwd(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], z: Tens
     m_x, m_w, m_b, m_bnw, m_bnb, m_res = output_mask
     need_gz = m_x or m_w or m_b
     g_u, g_z, g_bnw, g_bnb = be.bn_act_backward(grad_y, saved, z, mean, invstd, bn_weight,
-                                                use_batch_stats, act, need_gz, m_bnw or m_bnb)
+                                                use_batch_stats, act, need_gz, m_bnw or m_bnb,
+                                                need_gu=m_res)
     g_x = g_w = g_b = None
     if need_gz:
         if weight is None:
@@ -223,8 +230,8 @@ class ConvBNActFunction(torch.autograd.Function):
             residual, list(c.stride), list(c.padding), list(c.dilation), c.groups, c.training,
             c.momentum, c.eps, c.activation, c.negative_slope, c.backend, save)
         if save:
-            saves = Activation(c.activation, c.negative_slope).saves
-            saved = y if saves == "output" else (u if saves == "input" else None)
+            saves = dispatch.get(c.backend).forward_saves(Activation(c.activation, c.negative_slope))
+            saved = y if saves == "output" else (u if saves in ("input", "mask") else None)
             ctx.save_for_backward(x, weight, z if weight is not None else x, saved, mean,
                                   invstd, bn_weight, bn_bias, bias)
             ctx.config = c
@@ -318,7 +325,8 @@ def bn_act_conv_bwd(grad_y: Tensor, x: Tensor, a: Tensor, weight: Tensor, mean: 
         else:
             saved = None
         _, g_x, g_bnw, g_bnb = be.bn_act_backward(g_a, saved, x, mean, invstd, bn_weight,
-                                                  use_batch_stats, act, m_x, m_bnw or m_bnb)
+                                                  use_batch_stats, act, m_x, m_bnw or m_bnb,
+                                                  need_gu=False)
     return _or_empty(grad_y, g_x if m_x else None, g_bnw if m_bnw else None,
                      g_bnb if m_bnb else None, g_w if m_w else None,
                      g_b if (m_b and has_bias) else None)

@@ -21,13 +21,18 @@ import os
 from typing import Dict, Iterator, Optional
 
 from .base import Backend, BackendUnavailable, Case
+from .cuda import CudaBackend
 from .eager import EagerBackend
 
 NAMES = ("eager", "triton", "cuda", "pieces")
 # Fastest first; `auto` takes the first that is available and supports the case.
 AUTO_ORDER = ("cuda", "triton", "eager")
 
-_registry: Dict[str, Backend] = {"eager": EagerBackend(), "pieces": Backend()}
+# `cuda` is always registered; it reports itself unavailable where resfuse._C does not load
+# (and why) or no GPU is visible.
+_registry: Dict[str, Backend] = {"eager": EagerBackend(), "cuda": CudaBackend(),
+                                 "pieces": Backend()}
+
 def _triton_reason() -> str:
     try:
         import triton  # noqa: F401
@@ -37,16 +42,9 @@ def _triton_reason() -> str:
     return f"not available: this version has no Triton kernels yet ({found})"
 
 
-def _cuda_reason() -> str:
-    from .._extension import load_extension
-    ext, why = load_extension()
-    state = "resfuse._C loads" if ext is not None else f"resfuse._C {why}"
-    return f"not available: this version has no CUDA kernels yet ({state})"
-
-
 # Backends not registered in this version, with a function that says why (called lazily:
 # importing triton is slow).
-_unavailable = {"triton": _triton_reason, "cuda": _cuda_reason}
+_unavailable = {"triton": _triton_reason}
 _scope: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("resfuse_backend", default=None)
 
 

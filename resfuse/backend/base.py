@@ -94,6 +94,12 @@ class Backend:
         return True
 
     # ------------------------------------------------------------------ forward pieces
+    def forward_saves(self, act: Activation) -> str:
+        """What `bn_act_forward(save_input=True)` keeps for the activation's backward:
+        "nothing", "output" (y itself, kept by the op's caller), "input" (the pre-activation u,
+        returned) or "mask" (a packed 1-bit mask, returned; kernel backends)."""
+        return act.saves
+
     def conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: ConvParams) -> Tensor:
         return _aten.convolution(x, weight, bias, list(p.stride), list(p.padding),
                                  list(p.dilation), False, [0, 0], p.groups)
@@ -168,10 +174,11 @@ class Backend:
 
     def bn_act_backward(self, grad_y: Tensor, saved: Optional[Tensor], z: Tensor, mean: Tensor,
                         invstd: Tensor, bn_weight: Optional[Tensor], use_batch_stats: bool,
-                        act: Activation, need_gz: bool, need_bn_grads: bool):
+                        act: Activation, need_gz: bool, need_bn_grads: bool, need_gu: bool = True):
         """Backward of `bn_act_forward`: (g_u, g_z, g_bn_weight, g_bn_bias), with g_u the
-        gradient of the pre-activation (= the residual's gradient); None where not needed.
-        BN parameter gradients come in the statistics' dtype."""
+        gradient of the pre-activation (= the residual's gradient); None where not needed
+        (a backend may skip writing g_u when `need_gu` is False). BN parameter gradients come
+        in the statistics' dtype."""
         g_u, sum_g, sum_gz = self.act_backward_reduce(
             grad_y, saved, z, mean, act, need_sums=(use_batch_stats and need_gz) or need_bn_grads)
         g_z = None

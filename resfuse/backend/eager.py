@@ -171,7 +171,7 @@ class EagerBackend(Backend):
         return act.forward_(u), mean, invstd, None
 
     def bn_act_backward(self, grad_y, saved, z, mean, invstd, bn_weight, use_batch_stats, act,
-                        need_gz, need_bn_grads):
+                        need_gz, need_bn_grads, need_gu=True):
         if not use_batch_stats or (need_bn_grads and bn_weight is None):
             return super().bn_act_backward(grad_y, saved, z, mean, invstd, bn_weight,
                                            use_batch_stats, act, need_gz, need_bn_grads)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine does in one call (GPU.md): build resfuse with the CUDA
+# extension, run the test suite (the GPU tests included), compute-sanitizer on a small case, and
+# the CUDA-backend benchmarks. Logs and result files go to $OUT (default bench/out/gpu).
+#   bash bench/gpu_check.sh [build] [tests] [sanitizer] [bench]     (default: all four)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out/gpu}
+mkdir -p "$OUT"
+STAGES=${*:-build tests sanitizer bench}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+status=0
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+nvcc --version | tail -n 1
+
+if has build; then
+    # In place (setup.py build_ext --inplace) rather than `pip install -e`: no pip resolver,
+    # index or build-isolation step on a machine without network, and a bounded time.
+    echo "== build (MAX_JOBS=$MAX_JOBS)"
+    start=$(date +%s)
+    if ! timeout 420 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+        tail -n 60 "$OUT/build.log"; echo "build FAILED"; exit 1
+    fi
+    echo "built in $(( $(date +%s) - start )) s"
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+$PY -c "import resfuse; print(resfuse.backends())"
+
+if has tests; then
+    echo "== tests"
+    timeout ${TEST_TIMEOUT:-420} $PY -m pytest -q -rfE -p no:cacheprovider ${TESTS:-tests/} > "$OUT/tests.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40
+fi
+
+if has sanitizer; then
+    for tool in memcheck racecheck; do
+        echo "== compute-sanitizer --tool $tool"
+        timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 $PY tests/cuda_sanitizer_case.py > "$OUT/sanitizer-$tool.log" 2>&1
+        rc=$?
+        tail -n 4 "$OUT/sanitizer-$tool.log"
+        [ $rc -eq 0 ] || status=1
+    done
+fi
+
+if has bench; then
+    echo "== bench"
+    timeout ${BENCH_TIMEOUT:-400} $PY bench/cuda_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+exit $status
