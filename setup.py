@@ -200,6 +200,16 @@ class build_py(_build_py):
 
 
 class build_ext(_build_ext_base):
+    def build_extensions(self):
+        # Python's LDSHARED on Debian/Ubuntu links with -Bsymbolic-functions, which binds the
+        # extension to its own copies of libstdc++ template code instead of the libstdc++ torch
+        # loaded; with a newer compiler than torch's those copies crash (ostream << long in an
+        # error message, seen on the lent H100 machine). Link without it.
+        linker = getattr(self.compiler, "linker_so", None)
+        if linker:
+            self.compiler.linker_so = [a for a in linker if a != "-Wl,-Bsymbolic-functions"]
+        super().build_extensions()
+
     def run(self):
         announce_and_record_plan()
         super().run()

@@ -78,14 +78,26 @@ pybind11::dict build_info() {
 
 
 // ---- argument checks ------------------------------------------------------------------------
+// Numbers and shapes in messages are formatted with std::to_string, never with an ostream
+// `<<` on an integer: a toolchain whose libstdc++ differs from torch's can instantiate that
+// operator inside this library and crash on the error path (seen with torch 2.11 on the lent
+// H100 machine). setup.py also links without -Bsymbolic-functions for the same reason.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string shape(at::IntArrayRef s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + (s.size() == 1 ? ",)" : ")");
+}
+
 #define CHECK_CUDA(x, name) TORCH_CHECK((x).is_cuda(), "resfuse (cuda backend): ", name, " must be a CUDA tensor, got one on ", (x).device())
 #define CHECK_SAME_DEVICE(x, ref, name) \
   TORCH_CHECK((x).device() == (ref).device(), "resfuse (cuda backend): ", name, " is on ", (x).device(), " but the input is on ", (ref).device())
 #define CHECK_DTYPE(x, dt, name) \
   TORCH_CHECK((x).scalar_type() == (dt), "resfuse (cuda backend): ", name, " must have dtype ", (dt), ", got ", (x).scalar_type())
 #define CHECK_PER_CHANNEL(x, C, name)                                                                  \
-  TORCH_CHECK((x).dim() == 1 && (x).size(0) == (C), "resfuse (cuda backend): ", name, " must have shape (", (C), \
-              ",), got ", (x).sizes())
+  TORCH_CHECK((x).dim() == 1 && (x).size(0) == (C), "resfuse (cuda backend): ", name, " must have shape (", num(C), \
+              ",), got ", shape((x).sizes()))
 
 resfuse::DType kernel_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -107,7 +119,7 @@ struct Layout {
 };
 
 Layout layout_of(at::Tensor& z, const char* name) {
-  TORCH_CHECK(z.dim() == 4, "resfuse (cuda backend): ", name, " must be 4-D (N, C, H, W), got shape ", z.sizes());
+  TORCH_CHECK(z.dim() == 4, "resfuse (cuda backend): ", name, " must be 4-D (N, C, H, W), got shape ", shape(z.sizes()));
   at::MemoryFormat fmt;
   if (z.is_contiguous()) {
     fmt = at::MemoryFormat::Contiguous;
@@ -130,7 +142,7 @@ at::Tensor like_z(const at::Tensor& t, const at::Tensor& z, const Layout& L, con
   CHECK_CUDA(t, name);
   CHECK_SAME_DEVICE(t, z, name);
   CHECK_DTYPE(t, z.scalar_type(), name);
-  TORCH_CHECK(t.sizes() == z.sizes(), "resfuse (cuda backend): ", name, " must have shape ", z.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == z.sizes(), "resfuse (cuda backend): ", name, " must have shape ", shape(z.sizes()), ", got ", shape(t.sizes()));
   return t.contiguous(L.format);
 }
 
@@ -161,12 +173,12 @@ int num_sms() {
 }
 
 resfuse::Act act_of(int64_t a) {
-  TORCH_CHECK(a >= 0 && a <= 5, "resfuse (cuda backend): activation code must be 0..5, got ", a);
+  TORCH_CHECK(a >= 0 && a <= 5, "resfuse (cuda backend): activation code must be 0..5, got ", num(a));
   return static_cast<resfuse::Act>(a);
 }
 
 resfuse::Saved saved_of(int64_t k) {
-  TORCH_CHECK(k >= 0 && k <= 3, "resfuse (cuda backend): saved_kind must be 0..3, got ", k);
+  TORCH_CHECK(k >= 0 && k <= 3, "resfuse (cuda backend): saved_kind must be 0..3, got ", num(k));
   return static_cast<resfuse::Saved>(k);
 }
 
@@ -183,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_op(
   at::Tensor z = z_in;
   const Layout L = layout_of(z, "z");
   const int64_t C = L.geo.c;
-  TORCH_CHECK(L.geo.per_channel() > 1, "resfuse (cuda backend): expected more than 1 value per channel for batch statistics, got input of shape ", z.sizes());
+  TORCH_CHECK(L.geo.per_channel() > 1, "resfuse (cuda backend): expected more than 1 value per channel for batch statistics, got input of shape ", shape(z.sizes()));
   const c10::cuda::CUDAGuard guard(z.device());
   const auto acc = acc_type(z);
   const auto opts = z.options().dtype(acc);
@@ -251,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_op(const at::Tensor& z_in, const std
   const int64_t C = L.geo.c;
   const c10::cuda::CUDAGuard guard(z.device());
   TORCH_CHECK(scale.has_value() == shift.has_value(), "resfuse (cuda backend): scale and shift must be given together");
-  TORCH_CHECK(save == 0 || save == 1 || save == 3, "resfuse (cuda backend): save must be 0 (nothing), 1 (mask) or 3 (input), got ", save);
+  TORCH_CHECK(save == 0 || save == 1 || save == 3, "resfuse (cuda backend): save must be 0 (nothing), 1 (mask) or 3 (input), got ", num(save));
   const resfuse::Act act = act_of(activation);
   TORCH_CHECK(save != 1 || act == resfuse::Act::kRelu || act == resfuse::Act::kLeakyRelu,
               "resfuse (cuda backend): a mask is saved for relu and leaky_relu only");
@@ -292,13 +304,13 @@ SavedArg saved_arg(const std::optional<at::Tensor>& saved, int64_t saved_kind, c
   SavedArg s;
   s.kind = saved_of(saved_kind);
   if (s.kind == resfuse::Saved::kNone) return s;
-  TORCH_CHECK(saved.has_value(), "resfuse (cuda backend): saved is required for saved_kind ", saved_kind);
+  TORCH_CHECK(saved.has_value(), "resfuse (cuda backend): saved is required for saved_kind ", num(saved_kind));
   if (s.kind == resfuse::Saved::kMask) {
     CHECK_CUDA(*saved, "saved mask");
     CHECK_SAME_DEVICE(*saved, z, "saved mask");
     CHECK_DTYPE(*saved, at::kInt, "saved mask");
     TORCH_CHECK(saved->dim() == 1 && saved->numel() == resfuse::mask_words(z.numel()),
-                "resfuse (cuda backend): saved mask must hold ", resfuse::mask_words(z.numel()), " words, got ", saved->sizes());
+                "resfuse (cuda backend): saved mask must hold ", num(resfuse::mask_words(z.numel())), " words, got ", shape(saved->sizes()));
     s.t = saved->contiguous();
   } else {
     s.t = like_z(*saved, z, L, "saved");
@@ -368,7 +380,7 @@ at::Tensor bn_backward_apply_op(const at::Tensor& grad_y_in, const std::optional
   CHECK_CUDA(coef_in, "coef");
   CHECK_SAME_DEVICE(coef_in, z, "coef");
   TORCH_CHECK(coef_in.dim() == 2 && coef_in.size(0) == 3 && coef_in.size(1) == C,
-              "resfuse (cuda backend): coef must have shape (3, ", C, "), got ", coef_in.sizes());
+              "resfuse (cuda backend): coef must have shape (3, ", num(C), "), got ", shape(coef_in.sizes()));
   const auto coef = coef_in.to(acc_type(z)).contiguous();
   auto gz = at::empty_like(z, L.format);
   resfuse::BnBackwardApplyArgs a;

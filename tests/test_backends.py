@@ -12,8 +12,9 @@ from resfuse.backend.base import Case
 def test_backends_reports_every_backend_with_a_reason():
     b = resfuse.backends()
     assert b["eager"] == "ok" and b["pieces"] == "ok"
-    for name in ("triton", "cuda"):
-        assert name in b and b[name] != "ok" and len(b[name]) > 10, b[name]
+    assert b["triton"] != "ok" and len(b["triton"]) > 10, b["triton"]
+    # cuda is "ok" where resfuse._C is built and a GPU is visible; elsewhere it says why not.
+    assert b["cuda"] == "ok" or len(b["cuda"]) > 10, b["cuda"]
     if not torch.cuda.is_available():
         assert "resfuse._C" in b["cuda"] or "not built" in b["cuda"] or "not implemented" in b["cuda"]
 
