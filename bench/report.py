@@ -28,6 +28,11 @@ def load(results_dir: str) -> list:
         runs.append(r)
     newest = {}
     for r in runs:
+        if r.get("kind") == "cuda-kernels":  # bench/cuda_kernels.py: its own table
+            key = ("cuda-kernels", r["env"]["device"], r["dtype"], r["layout"])
+            if key not in newest or r["env"]["date"] > newest[key]["env"]["date"]:
+                newest[key] = r
+            continue
         s = r["settings"]
         key = (r["env"]["device_type"], s["model"], s["dtype"], s["layout"])
         if key not in newest or r["env"]["date"] > newest[key]["env"]["date"]:
@@ -40,6 +45,9 @@ def render(runs: list) -> str:
         return "No results recorded yet."
     out = []
     for r in runs:
+        if r.get("kind") == "cuda-kernels":
+            out += render_kernels(r)
+            continue
         e, s, p = r["env"], r["settings"], r["parity"]
         out.append(f"**{s['model']}** ({s['model_source']}), batch {s['batch']}, {s['size']}×{s['size']}, "
                    f"{s['dtype']}, {s['layout']} — {e['device']} ({e['threads']} threads), "
@@ -62,6 +70,36 @@ def render(runs: list) -> str:
                    f"{p['running_stats_max_rel_diff']:.1e}.")
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def render_kernels(r: dict) -> list:
+    """A bench/cuda_kernels.py run: kernels against the copy ceiling, blocks against eager and
+    torch.compile."""
+    e, c = r["env"], r["ceilings"]
+    out = [f"**CUDA backend, kernels and a bottleneck block** — {e['device']}, {r['dtype']}, "
+           f"{r['layout']}, batch {r['batch']}, torch {e['torch']} (CUDA {e['cuda']}), "
+           f"resfuse @ `{e['commit']}`, {e['date'][:10]}; CUDA-event medians "
+           f"([`{r['_file']}`]({r['_file']})). Ceilings measured in the same run: copy "
+           f"{c['copy_gbs']:.0f} GB/s (read + write), bf16 matmul {c['matmul_bf16_tflops']:.0f} TFLOP/s.", "",
+           "| kernel (N×256×56×56) | median ms | GB/s | of copy |", "| --- | ---: | ---: | ---: |"]
+    for row in r["rows"]:
+        if row["kind"] == "kernel":
+            out.append(f"| {row['name']} | {row['ms']:.3f} | {row['gbs']:.0f} | {row['frac_copy']:.0%} |")
+    out += ["", "| BN + add + ReLU, training forward + backward | median ms |", "| --- | ---: |"]
+    for row in r["rows"]:
+        if row["kind"] == "bn_act_train":
+            out.append(f"| {row['name'].split(': ', 1)[-1]} | {row['ms']:.3f} |")
+    out += ["", "| bottleneck 256-64-256, 56×56 | contestant | median ms | p20–p80 ms | vs eager | "
+            "vs torch.compile | peak memory above inputs |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in r["rows"]:
+        if row["kind"].startswith("block_"):
+            mode = "training step" if row["kind"] == "block_train" else "eval"
+            out.append(f"| {mode} | {row['name']} | {row['ms']:.3f} | {row['p20']:.3f}–{row['p80']:.3f} | "
+                       f"{row['speedup_vs_eager']:.2f}× | {row['speedup_vs_compile']:.2f}× | "
+                       f"{row['peak_bytes'] / 2**30:.2f} GiB |")
+    out.append("")
+    return out
 
 
 def main(argv=None) -> int:
