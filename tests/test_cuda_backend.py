@@ -362,3 +362,44 @@ def test_converted_resnet50_training_step(dtype):
         err_f = ((g_f[name] - g).norm() / norm).item()
         err_e = ((g_e[name] - g).norm() / norm).item()
         assert err_f <= 2 * err_e + floor, f"{name}: fused {err_f:.3e} vs eager {err_e:.3e} from float64"
+
+
+# ------------------------------------------------------------------ eval inference (folded BN)
+
+@pytest.mark.parametrize("cudnn_fused", [True, False], ids=["cudnn-fused", "conv+apply"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("act", ["relu", "silu", "identity"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_eval_inference(dtype, layout, act, residual, cudnn_fused):
+    """No-grad eval: BN folded into the conv, then cuDNN's fused conv + bias + add + ReLU
+    (fp16/bf16 relu, when enabled) or the conv followed by one add + activation pass."""
+    from resfuse.backend import cuda as cuda_backend
+    case = OpCase(n=4, c_in=32, c_out=64, hw=(14, 14), training=False, residual=residual,
+                  activation=act)
+    mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+    def run(dt, device, backend):
+        cast = lambda t: None if t is None else t.to(device=device, dtype=dt)  # noqa: E731
+        x = cast(case.x).to(memory_format=mf)
+        r = cast(case.res)
+        r = None if r is None else r.to(memory_format=mf)
+        with torch.no_grad():
+            if backend is None:
+                from resfuse import reference
+                return reference.conv_bn_act(x, cast(case.weight), None, cast(case.bn_weight), cast(case.bn_bias),
+                                             cast(case.rm), cast(case.rv), training=False, residual=r,
+                                             activation=act, padding=1)
+            return RF.conv_bn_act(x, cast(case.weight), None, cast(case.bn_weight), cast(case.bn_bias),
+                                  cast(case.rm), cast(case.rv), training=False, residual=r, activation=act,
+                                  padding=1, backend=backend)
+    old = cuda_backend.set_cudnn_fused_eval(cudnn_fused)
+    try:
+        y = run(dtype, DEV, "cuda").cpu()
+    finally:
+        cuda_backend.set_cudnn_fused_eval(old)
+    y64 = run(torch.float64, "cpu", None)
+    if dtype == torch.float64:
+        assert (y - y64).abs().max().item() < 1e-10
+    else:
+        assert_honest(y, run(dtype, DEV, None).cpu(), y64, "eval output")
