@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import resfuse  # noqa: E402
 import resfuse.functional as RF  # noqa: E402
+from resfuse._extension import build_info  # noqa: E402
 from resfuse.backend import cuda as cuda_backend  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -88,7 +89,7 @@ def env():
                 cuda=torch.version.cuda, triton=tv, python=platform.python_version(),
                 commit=os.environ.get("RESFUSE_COMMIT") or commit,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                resfuse_build=resfuse.extension_status() if hasattr(resfuse, "extension_status") else None)
+                resfuse_build=build_info())
 
 
 def kernel_rows(n, dtype, mf, copy_gbs):

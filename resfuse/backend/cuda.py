@@ -124,11 +124,8 @@ class CudaBackend(Backend):
             mean = running_mean.to(acc, copy=True)
             invstd = torch.rsqrt(running_var.to(acc) + eps)
             scale, shift = bn_scale_shift(mean, invstd, bn_weight, bn_bias)
-        saves = self.forward_saves(act) if save_input else "nothing"
-        code = SAVED_MASK if saves == "mask" else (SAVED_INPUT if saves == "input" else SAVED_NONE)
-        y, saved = torch.ops.resfuse.cuda_bn_apply(z, scale, shift, residual, _ACT_CODE[act.kind],
-                                                   act.negative_slope, code)
-        return y, mean, invstd, (saved if code != SAVED_NONE else None)
+        y, saved = self.scale_shift_add_act(z, scale, shift, residual, act, save_input)
+        return y, mean, invstd, saved
 
     def scale_shift_add_act(self, z, scale, shift, residual, act, save_input=True):
         saves = self.forward_saves(act) if save_input else "nothing"
