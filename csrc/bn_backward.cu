@@ -72,7 +72,9 @@ __global__ void __launch_bounds__(kThreads) apply_backward_kernel(
     Vec<T, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-      out.v[j] = from_acc<T>(alpha[j] * g[j] + gamma[j] * (to_acc(zv.v[j]) - mu[j]) + beta[j]);
+      // gamma is 0 with running statistics: skip the term, so an inf in z gives g_u * alpha
+      // as eager does, not 0 * inf = NaN.
+      out.v[j] = from_acc<T>(alpha[j] * g[j] + (gamma[j] != A(0) ? gamma[j] * (to_acc(zv.v[j]) - mu[j]) : A(0)) + beta[j]);
     store_vec<T, VEC>(grad_z, e, out);
   }
 }

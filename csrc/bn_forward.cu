@@ -28,7 +28,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(
     const A* partial, int chunks, int64_t C, const T* z, int64_t pilot_stride, A count, A eps,
     const A* weight, const A* bias, A* running_mean, A* running_var,
-    const int64_t* num_batches_tracked, A momentum, A* mean_out, A* invstd_out, A* scale_out,
+    const int64_t* num_batches_tracked, bool cumulative, A momentum, A* mean_out, A* invstd_out, A* scale_out,
     A* shift_out) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (c >= C) return;  // whole warps
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(
   const A d = s1 / count;
   const A mean = to_acc(z[c * pilot_stride]) + d;
   A var = s2 / count - d * d;
-  var = var > A(0) ? var : A(0);  // (a NaN stays a NaN)
+  var = var < A(0) ? A(0) : var;  // rounding below 0 clamped; a NaN (from NaN/inf data) stays NaN
   const A invstd = A(1) / sqrt(var + eps);
   const A scale = weight != nullptr ? weight[c] * invstd : invstd;
   const A shift = (bias != nullptr ? bias[c] : A(0)) - mean * scale;
@@ -47,10 +47,9 @@ __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(
   scale_out[c] = scale;
   shift_out[c] = shift;
   if (running_mean != nullptr) {
-    // momentum < 0: momentum=None, the cumulative average 1 / num_batches_tracked (already
-    // incremented for this batch), read here so the host never waits.
-    const A factor = momentum >= A(0) ? momentum
-                                      : static_cast<A>(1.0 / static_cast<double>(*num_batches_tracked));
+    // cumulative: momentum=None, the average 1 / num_batches_tracked (already incremented for
+    // this batch), read here so the host never waits. Any other momentum, negative included, as is.
+    const A factor = cumulative ? static_cast<A>(1.0 / static_cast<double>(*num_batches_tracked)) : momentum;
     const A unbiased = var * (count / (count - A(1)));
     running_mean[c] = mean * factor + running_mean[c] * (A(1) - factor);
     running_var[c] = unbiased * factor + running_var[c] * (A(1) - factor);
@@ -122,7 +121,8 @@ cudaError_t bn_stats_t(const BnStatsArgs& a, cudaStream_t stream) {
   stats_finalize_kernel<T, A><<<blocks, kThreads, 0, stream>>>(
       partial, chunks, g.c, z, pilot_stride, static_cast<A>(g.per_channel()), static_cast<A>(a.eps),
       static_cast<const A*>(a.weight), static_cast<const A*>(a.bias), static_cast<A*>(a.running_mean),
-      static_cast<A*>(a.running_var), a.num_batches_tracked, static_cast<A>(a.momentum),
+      static_cast<A*>(a.running_var), a.num_batches_tracked, a.cumulative && a.num_batches_tracked != nullptr,
+      static_cast<A>(a.momentum),
       static_cast<A*>(a.mean), static_cast<A*>(a.invstd), static_cast<A*>(a.scale), static_cast<A*>(a.shift));
   return cudaGetLastError();
 }

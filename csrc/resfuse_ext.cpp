@@ -234,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_op(
   a.running_var = update ? rv.data_ptr() : nullptr;
   a.num_batches_tracked = nbt.defined() ? nbt.const_data_ptr<int64_t>() : nullptr;
   // momentum=None without a counter: nn.BatchNorm2d then uses factor 0 (stats unchanged).
-  a.momentum = cumulative ? (nbt.defined() ? -1.0 : 0.0) : *momentum;
+  a.cumulative = cumulative && nbt.defined();
+  a.momentum = cumulative ? 0.0 : *momentum;
   a.eps = eps;
   a.workspace = ws.data_ptr();
   a.num_sms = num_sms();

@@ -50,7 +50,7 @@ inline int64_t reduce_workspace_elems(const Geometry& g, int num_sms) {
 // of the channel so fp32 does not cancel), two-level reduction in a fixed order
 // (bit-identical across runs), then on the device: invstd, scale = weight * invstd,
 // shift = bias - mean * scale, and the running-statistics update of nn.BatchNorm2d in training
-// (unbiased variance; momentum < 0 means momentum=None, the cumulative average, whose factor
+// (unbiased variance; `cumulative` means momentum=None, the cumulative average, whose factor
 // 1 / num_batches_tracked is read on the device after the caller has incremented it).
 struct BnStatsArgs {
   const void* z = nullptr;
@@ -60,8 +60,9 @@ struct BnStatsArgs {
   const void* bias = nullptr;    // [C] or null
   void* running_mean = nullptr;  // [C] or null: no update
   void* running_var = nullptr;
-  const int64_t* num_batches_tracked = nullptr;  // read only when momentum < 0
-  double momentum = 0.1;
+  const int64_t* num_batches_tracked = nullptr;  // read only when cumulative
+  bool cumulative = false;                       // momentum=None
+  double momentum = 0.1;                         // otherwise (any value, as nn.BatchNorm2d)
   double eps = 1e-5;
   void* workspace = nullptr;  // reduce_workspace_elems
   int num_sms = 1;

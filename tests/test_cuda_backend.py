@@ -57,6 +57,7 @@ BN_MODES = {
     "train": dict(),
     "train-momentum-none": dict(momentum=None),
     "train-momentum-0.3-eps-1e-3": dict(momentum=0.3, eps=1e-3),
+    "train-momentum-negative": dict(momentum=-0.1),  # taken as given, as nn.BatchNorm2d does
     "train-no-affine": dict(affine=False),
     "train-no-running-stats": dict(track=False),
     "train-no-residual": dict(residual=False),
@@ -241,12 +242,31 @@ def test_past_2_31_elements():
     del x, y, g
 
 
-def test_nan_propagates():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_and_inf_propagate(bad):
+    """A NaN or inf in a channel makes that channel's statistics, output and running variance
+    NaN, as in eager (not clamped to a finite variance)."""
     x = torch.randn(2, 8, 4, 4, device=DEV)
-    x[0, 3, 1, 1] = float("nan")
-    y = RF.bn_act(x, None, None, None, None, training=True, backend="cuda")
-    want = torch.relu(F.batch_norm(x, None, None, training=True))
+    x[0, 3, 1, 1] = bad
+    rm, rv = torch.zeros(8, device=DEV), torch.ones(8, device=DEV)
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = RF.bn_act(x, None, None, rm, rv, training=True, backend="cuda")
+    want = torch.relu(F.batch_norm(x, rm2, rv2, training=True))
     assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert torch.equal(torch.isnan(rv), torch.isnan(rv2)) and torch.equal(torch.isnan(rm), torch.isnan(rm2))
+
+
+def test_eval_stats_backward_with_inf():
+    """Running statistics: g_z = g_u * scale even where z is inf (no 0 * inf)."""
+    x = torch.randn(2, 8, 4, 4, device=DEV)
+    x[1, 2, 0, 0] = float("inf")
+    rm, rv = torch.zeros(8, device=DEV), torch.ones(8, device=DEV)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    RF.bn_act(x1, None, None, rm, rv, training=False, activation="identity", backend="cuda").backward(g)
+    F.batch_norm(x2, rm, rv, training=False).backward(g)
+    assert torch.equal(torch.isnan(x1.grad), torch.isnan(x2.grad))
+    torch.testing.assert_close(x1.grad, x2.grad)
 
 
 # ------------------------------------------------------------------ the kernels' own checks
