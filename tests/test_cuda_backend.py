@@ -18,6 +18,7 @@ import resfuse
 import resfuse.functional as RF
 from conftest import FLOOR, assert_honest, randomize_bn
 from harness import OpCase, check
+from test_functional import ACTIVATIONS
 
 pytestmark = pytest.mark.skipif(resfuse.backends()["cuda"] != "ok",
                                 reason=f"cuda backend: {resfuse.backends()['cuda']}")
@@ -34,14 +35,7 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-ACTS = {
-    "identity": dict(activation="identity"),
-    "relu": dict(activation="relu"),
-    "leaky_relu": dict(activation="leaky_relu", negative_slope=0.2),
-    "silu": dict(activation="silu"),
-    "gelu": dict(activation="gelu"),
-    "gelu_tanh": dict(activation="gelu_tanh"),
-}
+ACTS = ACTIVATIONS  # the CPU grid's activations (tests/test_functional.py)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
