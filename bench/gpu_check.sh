@@ -50,5 +50,11 @@ fi
 if has bench; then
     echo "== bench"
     timeout ${BENCH_TIMEOUT:-400} $PY bench/cuda_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+    # Converted ResNet-50 training step: eager, resfuse, both under torch.compile, and the
+    # converted step replayed from a CUDA graph (bf16, channels_last, batch 256).
+    echo "== bench: ResNet-50 training step with torch.compile and CUDA graphs"
+    timeout ${BENCH_TIMEOUT:-400} $PY bench/run.py --dtype bfloat16 --compile --cuda-graphs \
+        --repeats 20 --out "$OUT" > "$OUT/bench-resnet50.log" 2>&1 || status=1
+    tail -n 14 "$OUT/bench-resnet50.log"
 fi
 exit $status

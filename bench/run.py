@@ -3,13 +3,16 @@
 
     python bench/run.py                          # ResNet-50, eval + training, on this device
     python bench/run.py --model resnet18 --batch 8 --size 224 --compile --out bench/results
+    python bench/run.py --compile --cuda-graphs                # on a GPU: + compile, + CUDA graphs
 
 What it does, on whatever device there is (CPU unless CUDA is available or --device says so):
 1. builds the model (torchvision's when it imports, else `resfuse.models`' torchvision-compatible
    definition), with non-trivial BN statistics, and a copy converted by `resfuse.convert`;
 2. parity: eval outputs, and one training step's loss and every parameter gradient, of the
    converted copy against the original (max abs difference relative to the largest value);
-3. timing: eval forward and a training step (forward, backward, SGD step) of each contestant,
+3. timing: eval forward and a training step (forward, backward, SGD step) of each contestant
+   (eager, resfuse; with --compile both under torch.compile; with --cuda-graphs, on a GPU, the
+   converted model's whole training step captured once in a CUDA graph and replayed),
    interleaved repetition by repetition so that drift of the machine hits all alike; median with
    20th/80th percentiles, images per second and the ratio to eager from the same run.
 Results go to a JSON file (with device, versions, commit and settings) under --out.
@@ -93,6 +96,34 @@ def contestants(plain: nn.Module, fused: nn.Module, use_compile: bool) -> dict:
     return out
 
 
+def graphed_train_step(model: nn.Module, inputs: list, target: torch.Tensor, counter: list):
+    """The training step (forward, backward, SGD step) of `model` captured in one CUDA graph,
+    after warm-up steps on a side stream; each call copies the next input into the captured
+    input buffer and replays the graph."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    static_x = inputs[0].clone()
+
+    def step():
+        nn.functional.cross_entropy(model(static_x), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay():
+        counter[0] += 1
+        static_x.copy_(inputs[counter[0] % 2])
+        graph.replay()
+    return replay
+
+
 def time_interleaved(fns: dict, repeats: int, warmup: int, device) -> dict:
     """{name: [seconds, ...]}: one repetition of each contestant in turn, `repeats` times."""
     for f in fns.values():
@@ -162,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="add torch.compile contestants")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on CUDA: add the converted model's training step replayed from a CUDA graph")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out"),
                    help="folder for the JSON result file")
     args = p.parse_args(argv)
@@ -218,21 +251,25 @@ def main(argv=None) -> int:
                     nn.functional.cross_entropy(m(inputs[counter[0] % 2]), target).backward()
                     opt.step()
             fns[name] = f
+        if mode == "train" and args.cuda_graphs and on_gpu:
+            fns["resfuse+cuda-graph"] = graphed_train_step(copy.deepcopy(fused).train(), inputs,
+                                                           target, counter)
         times = time_interleaved(fns, repeats, args.warmup, device)
         base = statistics.median(times["eager"])
         for name, ts in times.items():
             s = summarize(ts, batch)
             rows.append(dict(mode=mode, contestant=name, speedup_vs_eager=base / statistics.median(ts), **s))
 
-    print(f"\n{'mode':6} {'contestant':16} {'median ms':>10} {'p20':>9} {'p80':>9} {'img/s':>9} {'vs eager':>9}")
+    print(f"\n{'mode':6} {'contestant':20} {'median ms':>10} {'p20':>9} {'p80':>9} {'img/s':>9} {'vs eager':>9}")
     for r in rows:
-        print(f"{r['mode']:6} {r['contestant']:16} {r['median_ms']:10.1f} {r['p20_ms']:9.1f} "
+        print(f"{r['mode']:6} {r['contestant']:20} {r['median_ms']:10.1f} {r['p20_ms']:9.1f} "
               f"{r['p80_ms']:9.1f} {r['img_per_s']:9.1f} {r['speedup_vs_eager']:8.3f}x")
 
     result = dict(env=env, settings=dict(model=args.model, model_source=source, batch=batch,
                                          size=size, dtype=args.dtype, layout=args.layout,
                                          repeats=repeats, warmup=args.warmup,
-                                         compile=args.compile),
+                                         compile=args.compile,
+                                         cuda_graphs=args.cuda_graphs and on_gpu),
                   convert=dict(swapped=len(report.swapped), skipped=report.skipped),
                   parity=par, rows=rows)
     os.makedirs(args.out, exist_ok=True)

@@ -10,12 +10,15 @@ from . import functional, reference
 from .activations import Activation
 from .backend import BackendUnavailable, backends, use_backend
 from .convert import ConvertReport, NotFusable, convert, fuse_block, revert
-from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock
+from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock,
+                      SyncBatchNorm)
 from .ops import BNActConvFunction, ConvBNActFunction, OpConfig
+from .sync_ops import SyncBNActConvFunction, SyncConvBNActFunction
 from .validation import ResfuseInputError
 from .version import __version__
 
 __all__ = ["functional", "reference", "Activation", "BackendUnavailable", "backends",
            "use_backend", "ConvertReport", "NotFusable", "convert", "fuse_block", "revert",
            "FusedBasicBlock", "FusedBottleneck", "FusedConvBNAct", "FusedResidualBlock",
-           "BNActConvFunction", "ConvBNActFunction", "OpConfig", "ResfuseInputError", "__version__"]
+           "SyncBatchNorm", "BNActConvFunction", "ConvBNActFunction", "OpConfig",
+           "SyncBNActConvFunction", "SyncConvBNActFunction", "ResfuseInputError", "__version__"]

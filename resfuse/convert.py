@@ -11,6 +11,13 @@ still works; state-dict keys are unchanged), every module's train/eval mode, dev
 memory format. It is all-or-nothing: every check runs and every new block is built before the
 first one is put in, so an error leaves the model as it was. `revert(model)` puts the original
 block objects back (or plain `resfuse.reference` blocks for fused blocks built directly).
+
+Synchronised BN: `convert(model, sync_bn=True[, process_group=pg])` also puts a
+`resfuse.SyncBatchNorm` (nn.SyncBatchNorm as resfuse computes it, on any device) in place of
+every `nn.BatchNorm1d/2d/3d` of the model, fused blocks and the rest alike, sharing the same
+Parameters and buffers, as `nn.SyncBatchNorm.convert_sync_batchnorm` does; a model that already
+holds `nn.SyncBatchNorm` layers has them fused (in blocks) and swapped for resfuse's (elsewhere)
+with their own process groups, sync_bn or not. `revert` leaves these SyncBatchNorm layers in.
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ import torch.nn as nn
 from . import backend as dispatch, reference
 from .activations import as_activation
 from .backend.base import BackendUnavailable
-from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock
+from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock,
+                      SyncBatchNorm)
 
 _ORIGINAL = "_resfuse_original"  # the replaced block, kept (unregistered) for `revert`
 
@@ -34,12 +42,15 @@ class NotFusable(Exception):
 @dataclasses.dataclass
 class ConvertReport:
     """What `convert`/`revert` did: `swapped` rows are (name, old class, new class), `skipped`
-    rows (name, class, reason)."""
+    rows (name, class, reason); `synced` names the BatchNorm layers made `resfuse.SyncBatchNorm`."""
     swapped: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
     skipped: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    synced: List[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{len(self.swapped)} block(s) swapped, {len(self.skipped)} skipped"]
+        if self.synced:
+            lines.append(f"  {len(self.synced)} BatchNorm layer(s) synchronised")
         lines += [f"  swapped {n}: {a} -> {b}" for n, a, b in self.swapped]
         lines += [f"  skipped {n} ({c}): {r}" for n, c, r in self.skipped]
         return "\n".join(lines)
@@ -80,6 +91,27 @@ _OPTIONAL_TIMM = {"drop_block": "drop_block (DropBlock)", "aa": "anti-aliasing l
                   "drop_path": "drop_path (stochastic depth)"}
 
 
+# Exact types: a subclass may change what forward computes.
+_FUSABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm)
+_PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _sync_plan(model: nn.Module, sync_bn: bool, process_group, report: "ConvertReport"):
+    """[(parent, name, new SyncBatchNorm)] for every BatchNorm to swap (nothing changed yet)."""
+    plan, made = [], {}
+    for parent, name, qual, child in _walk(model):
+        t = type(child)
+        if t is nn.SyncBatchNorm or (sync_bn and t in _PLAIN_NORMS):
+            if id(child) not in made:  # a shared layer stays shared
+                made[id(child)] = SyncBatchNorm.from_bn(child, process_group)
+            plan.append((parent, name, made[id(child)]))
+            report.synced.append(qual)
+        elif sync_bn and isinstance(child, nn.modules.batchnorm._BatchNorm) and t is not SyncBatchNorm:
+            report.skipped.append((qual, _qualname(child), "a BatchNorm subclass: left as it is, "
+                                   "not synchronised"))
+    return plan
+
+
 def _block_parts(m: nn.Module, origin: str):
     bottleneck = hasattr(m, "conv3")
     n = 3 if bottleneck else 2
@@ -89,8 +121,9 @@ def _block_parts(m: nn.Module, origin: str):
         if type(c) is not nn.Conv2d:
             raise NotFusable(f"conv{i} is a {type(c).__name__}, not an nn.Conv2d")
     for i, b in enumerate(bns, 1):
-        if type(b) is not nn.BatchNorm2d:
-            raise NotFusable(f"bn{i} is a {type(b).__name__}, not an nn.BatchNorm2d")
+        if type(b) not in _FUSABLE_NORMS:
+            raise NotFusable(f"bn{i} is a {type(b).__name__}, not an nn.BatchNorm2d or "
+                             "nn.SyncBatchNorm")
     known = {f"conv{i}" for i in range(1, n + 1)} | {f"bn{i}" for i in range(1, n + 1)}
     known |= {"downsample"}
     if origin == "timm":
@@ -148,18 +181,18 @@ def _walk(model: nn.Module):
             stack.append((qual, child))
 
 
-def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = False) -> ConvertReport:
+def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = False,
+            process_group=None) -> ConvertReport:
     """Swap, in place, every block of `model` that resfuse can fuse exactly; returns a report.
 
     `backend` forces the fused blocks' backend (default: chosen per call, see
-    `resfuse.use_backend`). `sync_bn=True` (synchronised BN statistics) is not available yet
-    and raises before anything is changed.
+    `resfuse.use_backend`). `sync_bn=True` synchronises every BatchNorm's statistics over
+    `process_group` (None: the whole world) in training, as nn.SyncBatchNorm.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if sync_bn:
-        raise NotImplementedError("convert(sync_bn=True): synchronised BN statistics are not "
-                                  "implemented yet; the model was not changed")
+    if process_group is not None and not sync_bn:
+        raise ValueError("convert: process_group is given but sync_bn is False")
     if backend is not None:
         name = dispatch.requested(backend)
         if name != "auto" and dispatch.backends()[name] != "ok":
@@ -168,6 +201,23 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
         raise ValueError("convert: the model is itself a block and cannot be replaced in "
                          "place; use resfuse.convert.fuse_block(block)")
     report = ConvertReport()
+    norms = _sync_plan(model, sync_bn, process_group, report)
+    previous = [(parent, name, parent._modules[name]) for parent, name, _ in norms]
+    for parent, name, new in norms:  # first, so that the fused blocks hold the new layers
+        parent._modules[name] = new
+    try:
+        plan = _block_plan(model, backend, report)
+    except BaseException:
+        for parent, name, old in previous:  # all-or-nothing
+            parent._modules[name] = old
+        raise
+    for parent, name, fused in plan:  # nothing below can fail
+        parent._modules[name] = fused
+    return report
+
+
+def _block_plan(model: nn.Module, backend: Optional[str], report: ConvertReport):
+    """[(parent, name, fused block)] for every block to swap (nothing changed yet)."""
     plan: List[Tuple[nn.Module, str, nn.Module]] = []
     done: Dict[int, nn.Module] = {}
     skip_below = set()
@@ -190,9 +240,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
         fused = done[id(child)]
         plan.append((parent, name, fused))
         report.swapped.append((qual, _qualname(child), type(fused).__name__))
-    for parent, name, fused in plan:  # nothing below can fail
-        parent._modules[name] = fused
-    return report
+    return plan
 
 
 def _unfused(m: nn.Module) -> nn.Module:

@@ -12,6 +12,15 @@ batch statistics and, when `running_mean`/`running_var` are given, updates them 
 variance; `momentum=None` is the cumulative average and needs `num_batches_tracked`, which is
 incremented as `nn.BatchNorm2d` does); `running_mean=None` means track_running_stats=False.
 Every argument is checked before anything is written (see `resfuse.validation`).
+
+`process_group=` (a `torch.distributed` process group) synchronises the batch statistics across
+the group's processes in training, as `nn.SyncBatchNorm` does (see `resfuse.sync_ops`); with
+one process, or in eval mode, it changes nothing.
+
+Under `torch.autocast` the ops do what the eager chain does: the convolution runs in the
+autocast dtype (x, weight and bias cast to it), BN keeps its parameters and accumulates its
+statistics in fp32, and the output has the dtype the chain's would. A residual of another
+dtype joins in the BN output's dtype, as torchvision's in-place `out += identity` does.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ from . import backend as dispatch, reference
 from .activations import ActivationLike, as_activation
 from .backend.base import Case
 from .ops import BNActConvFunction, ConvBNActFunction, OpConfig
+from .sync_ops import SyncBNActConvFunction, SyncConvBNActFunction
 from .validation import (ConvParams, ResfuseInputError, check_bn, check_conv, check_input,
                          check_residual, conv_params)
 
@@ -49,6 +59,41 @@ def _check_weight_type(weight):
         raise ResfuseInputError(f"weight: expected a Tensor, got {type(weight).__name__}")
 
 
+def _sync_group(process_group, training: bool):
+    """The process group to synchronise BN statistics over, or None: as nn.SyncBatchNorm,
+    only in training and only with more than one process in the group."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise ResfuseInputError("process_group: expected a torch.distributed ProcessGroup or "
+                                f"None, got {type(process_group).__name__}")
+    if not training:
+        return None
+    return process_group if dist.get_world_size(process_group) > 1 else None
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype for x's device when autocast is on there, else None."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _amp_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """What autocast does to a conv's argument: floating tensors other than fp64 take `dtype`."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
+def _same_dtype(residual: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    if isinstance(residual, Tensor) and residual.is_floating_point() and residual.dtype != dtype:
+        return residual.to(dtype)
+    return residual
+
+
 def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None,
                 bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
                 running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None, *,
@@ -56,15 +101,29 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
                 num_batches_tracked: Optional[Tensor] = None,
                 activation: ActivationLike = "relu", negative_slope: Optional[float] = None,
                 residual: Optional[Tensor] = None, stride=1, padding: Union[int, tuple, str] = 0,
-                dilation=1, groups: int = 1, backend: Optional[str] = None) -> Tensor:
+                dilation=1, groups: int = 1, backend: Optional[str] = None,
+                process_group=None) -> Tensor:
     """act(bn(conv(x, weight, bias)) + residual). `weight=None`: no conv (see `bn_act`).
 
     `padding` may be an int, a pair, "same" or "valid" (as `F.conv2d`); `activation` a name
     ("identity", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh"), an `nn.Module` of those
     kinds or an `Activation`; `negative_slope` sets leaky_relu's slope; `residual` must have
-    the output's shape; `backend` forces "eager", "triton", "cuda" or "auto".
+    the output's shape; `backend` forces "eager", "triton", "cuda" or "auto";
+    `process_group` synchronises the batch statistics in training (nn.SyncBatchNorm).
     """
     check_input(x)
+    amp = _autocast_dtype(x)
+    if amp is not None:  # the chain's dtypes, then the op with autocast off
+        if weight is not None:
+            x, weight, bias = _amp_cast(x, amp), _amp_cast(weight, amp), _amp_cast(bias, amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return conv_bn_act(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                training=training, momentum=momentum, eps=eps,
+                num_batches_tracked=num_batches_tracked, activation=activation,
+                negative_slope=negative_slope, residual=_same_dtype(residual, x.dtype),
+                stride=stride, padding=padding, dilation=dilation, groups=groups,
+                backend=backend, process_group=process_group)
     if weight is None:
         cp, out_shape = _NO_CONV, tuple(x.shape)
         if bias is not None:
@@ -74,13 +133,16 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
         cp = conv_params(weight, stride, padding, dilation, groups)
         c_out, oh, ow = check_conv(x, weight, bias, cp)
         out_shape = (x.shape[0], c_out, oh, ow)
+    group = _sync_group(process_group, training)
     check_bn(x, out_shape[1], bn_weight, bn_bias, running_mean, running_var,
-             num_batches_tracked, momentum, eps, training, out_shape)
+             num_batches_tracked, momentum, eps, training, out_shape, synced=group is not None)
     check_residual(residual, x, out_shape)
     act = as_activation(activation, negative_slope)
-    be = dispatch.select(Case("conv_bn_act", x.device.type, x.dtype, _channels_last(x),
+    be = dispatch.select_for_call(Case("conv_bn_act", x.device.type, x.dtype, _channels_last(x),
                               cp.groups, training), backend)
-    if x.shape[0] == 0:  # empty batch: exactly what the module chain does (no stats update)
+    if x.shape[0] == 0 and group is None:
+        # Empty batch: exactly what the module chain does (no stats update). (A synchronised
+        # call goes on: every process must join the collective.)
         return reference.conv_bn_act(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training=training,
             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked, activation=act,
@@ -89,6 +151,9 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
     c = OpConfig(cp.stride, cp.padding, cp.dilation, cp.groups, bool(training),
                  None if momentum is None else float(momentum), float(eps), act.kind,
                  act.negative_slope, be.name)
+    if group is not None:
+        return SyncConvBNActFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean,
+                                           running_var, num_batches_tracked, residual, c, group)
     if _needs_grad(x, weight, bias, bn_weight, bn_bias, residual):
         if be.autograd_chain:
             return be.conv_bn_act_chain(x, weight, bias, bn_weight, bn_bias, running_mean,
@@ -113,12 +178,13 @@ def bn_act(x: Tensor, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tens
            training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
            num_batches_tracked: Optional[Tensor] = None, activation: ActivationLike = "relu",
            negative_slope: Optional[float] = None, residual: Optional[Tensor] = None,
-           backend: Optional[str] = None) -> Tensor:
+           backend: Optional[str] = None, process_group=None) -> Tensor:
     """act(bn(x) + residual): the scale-bias-add-activation op (timm's BatchNormAct2d)."""
     return conv_bn_act(x, None, None, bn_weight, bn_bias, running_mean, running_var,
                        training=training, momentum=momentum, eps=eps,
                        num_batches_tracked=num_batches_tracked, activation=activation,
-                       negative_slope=negative_slope, residual=residual, backend=backend)
+                       negative_slope=negative_slope, residual=residual, backend=backend,
+                       process_group=process_group)
 
 
 def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -128,21 +194,49 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
                 num_batches_tracked: Optional[Tensor] = None, activation: ActivationLike = "relu",
                 negative_slope: Optional[float] = None, residual: Optional[Tensor] = None,
                 stride=1, padding: Union[int, tuple, str] = 0, dilation=1, groups: int = 1,
-                backend: Optional[str] = None) -> Tensor:
+                backend: Optional[str] = None, process_group=None) -> Tensor:
     """conv(act(bn(x)), weight, bias) + residual — the pre-activation form (ResNet v2)."""
     check_input(x)
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        _check_weight_type(weight)
+        if _amp_cast(x, amp).dtype != x.dtype:
+            # BN runs in x's dtype and only the conv in the autocast dtype, as in the eager
+            # chain: two ops, the conv under autocast.
+            a = bn_act(x, bn_weight, bn_bias, running_mean, running_var, training=training,
+                       momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
+                       activation=activation, negative_slope=negative_slope, backend=backend,
+                       process_group=process_group)
+            y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
+            return y if residual is None else y.add_(_same_dtype(residual, y.dtype))
+        weight, bias = _amp_cast(weight, amp), _amp_cast(bias, amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return bn_act_conv(
+                x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
+                training=training, momentum=momentum, eps=eps,
+                num_batches_tracked=num_batches_tracked, activation=activation,
+                negative_slope=negative_slope, residual=_same_dtype(residual, x.dtype),
+                stride=stride, padding=padding, dilation=dilation, groups=groups,
+                backend=backend, process_group=process_group)
     _check_weight_type(weight)
     cp = conv_params(weight, stride, padding, dilation, groups)
     c_out, oh, ow = check_conv(x, weight, bias, cp)
+    group = _sync_group(process_group, training)
     check_bn(x, x.shape[1], bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-             momentum, eps, training, tuple(x.shape))
+             momentum, eps, training, tuple(x.shape), synced=group is not None)
     check_residual(residual, x, (x.shape[0], c_out, oh, ow))
     act = as_activation(activation, negative_slope)
-    be = dispatch.select(Case("bn_act_conv", x.device.type, x.dtype, _channels_last(x),
+    be = dispatch.select_for_call(Case("bn_act_conv", x.device.type, x.dtype, _channels_last(x),
                               cp.groups, training), backend)
-    if x.shape[0] == 0 or cp.pre_pad != (0, 0):
+    if (x.shape[0] == 0 and group is None) or cp.pre_pad != (0, 0):
         # Empty batch, or an asymmetric "same" padding (which must pad act(bn(x)), not x):
-        # the module chain itself.
+        # the module chain itself (synchronised: normalize with the group, then the conv).
+        if group is not None:
+            a = bn_act(x, bn_weight, bn_bias, running_mean, running_var, training=training,
+                       momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
+                       activation=act, backend=backend, process_group=process_group)
+            y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
+            return y if residual is None else y + residual
         return reference.bn_act_conv(
             x, bn_weight, bn_bias, running_mean, running_var, weight, bias, training=training,
             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked, activation=act,
@@ -150,6 +244,9 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     c = OpConfig(cp.stride, cp.padding, cp.dilation, cp.groups, bool(training),
                  None if momentum is None else float(momentum), float(eps), act.kind,
                  act.negative_slope, be.name)
+    if group is not None:
+        return SyncBNActConvFunction.apply(x, bn_weight, bn_bias, running_mean, running_var,
+                                           num_batches_tracked, weight, bias, residual, c, group)
     if _needs_grad(x, weight, bias, bn_weight, bn_bias, residual):
         if be.autograd_chain:
             return be.bn_act_conv_chain(x, bn_weight, bn_bias, running_mean, running_var,

@@ -5,12 +5,19 @@ dicts load both ways, keys unchanged) and has a `forward` that calls `resfuse.fu
 * `FusedResidualBlock` basic / bottleneck, post- or pre-activation (see reference.ResidualBlock)
 * `FusedBasicBlock`, `FusedBottleneck`: torchvision's signatures, so that
   `torchvision.models.resnet.ResNet(FusedBottleneck, [3, 4, 6, 3])` builds a fused ResNet-50.
+* `SyncBatchNorm`: `nn.SyncBatchNorm` computed by resfuse (on any device: torch's refuses CPU
+  tensors), what `convert(model, sync_bn=True)` puts in place of every BatchNorm.
+
+A BatchNorm that is a SyncBatchNorm (torch's or resfuse's) synchronises its statistics
+over its `process_group` (None: the whole world) in training, as nn.SyncBatchNorm does, inside
+the fused ops.
 
 Every BatchNorm keeps its own mode and options: a block's `bn2.eval()` (frozen BN) is honoured,
 as are `momentum=None`, `affine=False` and `track_running_stats=False`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -38,9 +45,27 @@ def _conv_args(conv: nn.Conv2d, x: Tensor):
                    dilation=conv.dilation, groups=conv.groups)
 
 
+def is_batch_norm_2d(m) -> bool:
+    """A BatchNorm the fused ops can stand in for: nn.BatchNorm2d, nn.SyncBatchNorm or
+    resfuse's SyncBatchNorm."""
+    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm))
+
+
+def _sync_group(bn) -> Optional[object]:
+    """The process group an nn.SyncBatchNorm synchronises over in this call, else None
+    (nn.SyncBatchNorm's rule: in training, with torch.distributed initialised; the functional
+    op drops a group of one process)."""
+    if not (isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm)) and bn.training):
+        return None
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return bn.process_group if bn.process_group else dist.group.WORLD
+
+
 def _bn_args(bn: nn.BatchNorm2d) -> dict:
     """The state `nn.BatchNorm2d.forward` passes to F.batch_norm, plus its bookkeeping."""
-    if not isinstance(bn, nn.BatchNorm2d):
+    if not is_batch_norm_2d(bn):
         raise ResfuseInputError(f"expected an nn.BatchNorm2d, got {type(bn).__name__}")
     tracking = not bn.training or bn.track_running_stats
     counting = bn.training and bn.track_running_stats
@@ -48,7 +73,62 @@ def _bn_args(bn: nn.BatchNorm2d) -> dict:
                 running_mean=bn.running_mean if tracking else None,
                 running_var=bn.running_var if tracking else None,
                 num_batches_tracked=bn.num_batches_tracked if counting else None,
-                training=bn.training, momentum=bn.momentum, eps=bn.eps)
+                training=bn.training, momentum=bn.momentum, eps=bn.eps,
+                process_group=_sync_group(bn))
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """`nn.SyncBatchNorm` computed by resfuse's ops: the same constructor, attributes
+    (`process_group`: None means the whole world), state dict and results, but it runs on any
+    device, the CPU with gloo included, with one all-reduce per forward and one per backward.
+    Inputs of any rank >= 2 are normalized as (N, C, L, 1). Not a subclass of nn.SyncBatchNorm:
+    DistributedDataParallel refuses those in a CPU model."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, *, backend: Optional[str] = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+        self.backend = backend
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    @classmethod
+    def from_bn(cls, bn: nn.Module, process_group=None,
+                backend: Optional[str] = None) -> "SyncBatchNorm":
+        """A SyncBatchNorm sharing `bn`'s Parameters and buffers (the same objects) and mode;
+        `process_group` None keeps an nn.SyncBatchNorm's own (None: the world)."""
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise ResfuseInputError(f"bn: expected a BatchNorm module, got {type(bn).__name__}")
+        if process_group is None and isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm)):
+            process_group = bn.process_group
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  process_group, device="meta", backend=backend)
+        for name in ("weight", "bias"):
+            setattr(new, name, getattr(bn, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(bn, name))
+        new.training = bn.training
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        x = input if input.dim() == 4 else input.reshape(input.shape[0], input.shape[1], -1, 1)
+        y = RF.bn_act(x, **_bn_args(self), activation="identity", backend=self.backend)
+        return y if input.dim() == 4 else y.reshape(input.shape)
+
+
+def _norm_layer(norm_layer, sync_bn: bool, process_group):
+    if not sync_bn:
+        if process_group is not None:
+            raise ResfuseInputError("process_group: given without sync_bn=True")
+        return norm_layer
+    if norm_layer is not None:
+        raise ResfuseInputError("sync_bn=True builds its own norm layers; pass norm_layer or "
+                                "sync_bn, not both")
+    return functools.partial(SyncBatchNorm, process_group=process_group)
 
 
 def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation,
@@ -79,12 +159,14 @@ class FusedConvBNAct(nn.Module):
                  activation: ActivationLike = "relu", eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, padding_mode: str = "zeros",
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, device=None, dtype=None, *,
+                 sync_bn: bool = False, process_group=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
                               groups, bias, padding_mode, **kw)
-        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **kw)
+        norm = _norm_layer(None, sync_bn, process_group) or nn.BatchNorm2d
+        self.bn = norm(out_channels, eps, momentum, affine, track_running_stats, **kw)
         self.activation = as_activation(activation)
         self.act = self.activation.module()
         self.backend = backend
@@ -95,7 +177,7 @@ class FusedConvBNAct(nn.Module):
         """Wrap existing modules (shared, not copied). `act` None means identity."""
         if type(conv) is not nn.Conv2d:
             raise ResfuseInputError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
-        if not isinstance(bn, nn.BatchNorm2d):
+        if not is_batch_norm_2d(bn):
             raise ResfuseInputError(f"bn: expected an nn.BatchNorm2d, got {type(bn).__name__}")
         if bn.num_features != conv.out_channels:
             raise ResfuseInputError(f"bn: expected num_features={conv.out_channels} "
@@ -119,13 +201,17 @@ class FusedResidualBlock(reference.ResidualBlock):
     """A ResNet block whose every conv -> bn -> act (and the residual add) is one fused op.
 
     Same constructor, attributes and state dict as `resfuse.reference.ResidualBlock`:
-    `FusedResidualBlock(256, 64, stride=1, bottleneck=True)`; `backend=` forces a backend.
+    `FusedResidualBlock(256, 64, stride=1, bottleneck=True)`; `backend=` forces a backend;
+    `sync_bn=True` (with `process_group=`, None: the world) makes every BN a `SyncBatchNorm`.
     A `downsample` of the form `Sequential([pool,] Conv2d, BatchNorm2d)` is fused too; any
     other downsample module runs as it is.
     """
     _reference_class = reference.ResidualBlock
 
-    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+    def __init__(self, *args, backend: Optional[str] = None, sync_bn: bool = False,
+                 process_group=None, **kwargs):
+        if sync_bn or process_group is not None:
+            kwargs["norm_layer"] = _norm_layer(kwargs.get("norm_layer"), sync_bn, process_group)
         super().__init__(*args, **kwargs)
         self.backend = backend
         self._check_fusable()
@@ -141,7 +227,7 @@ class FusedResidualBlock(reference.ResidualBlock):
         for i, (conv, bn) in enumerate(self._pairs(), 1):
             if type(conv) is not nn.Conv2d:
                 raise ResfuseInputError(f"conv{i}: expected an nn.Conv2d, got {type(conv).__name__}")
-            if not isinstance(bn, nn.BatchNorm2d):
+            if not is_batch_norm_2d(bn):
                 raise ResfuseInputError(f"bn{i}: expected an nn.BatchNorm2d (norm_layer), got "
                                         f"{type(bn).__name__}")
 
@@ -153,7 +239,7 @@ class FusedResidualBlock(reference.ResidualBlock):
             return ds(a)
         layers = list(ds) if isinstance(ds, nn.Sequential) else []
         if (len(layers) in (2, 3) and type(layers[-2]) is nn.Conv2d
-                and isinstance(layers[-1], nn.BatchNorm2d)):
+                and is_batch_norm_2d(layers[-1])):
             if len(layers) == 3:
                 x = layers[0](x)
             return conv_bn_act_modules(x, layers[-2], layers[-1], None, backend=self.backend)

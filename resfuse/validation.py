@@ -144,8 +144,11 @@ def check_conv(x, weight, bias, cp: ConvParams) -> Tuple[int, int, int]:
 
 
 def check_bn(x, channels: int, bn_weight, bn_bias, running_mean, running_var,
-             num_batches_tracked, momentum, eps, training: bool, normalized_shape):
-    """`normalized_shape` is the shape of the tensor that BN normalizes."""
+             num_batches_tracked, momentum, eps, training: bool, normalized_shape, *,
+             synced: bool = False):
+    """`normalized_shape` is the shape of the tensor that BN normalizes; `synced`: the
+    statistics are combined across processes, so one value per channel here is allowed (as
+    in nn.SyncBatchNorm)."""
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None:
@@ -166,7 +169,7 @@ def check_bn(x, channels: int, bn_weight, bn_bias, running_mean, running_var,
         _fail(f"training: expected a bool, got {training!r}")
     use_batch_stats = training or running_mean is None
     count = normalized_shape[0] * normalized_shape[2] * normalized_shape[3]
-    if use_batch_stats and count == 1:
+    if use_batch_stats and count == 1 and not synced:
         # Same error (type and text) as nn.BatchNorm2d.
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(normalized_shape)}")

@@ -102,8 +102,8 @@ def test_convert_is_all_or_nothing():
     before = [type(m) for m in model.modules()]
     with pytest.raises(resfuse.BackendUnavailable):
         resfuse.convert(model, backend="triton" if resfuse.backends()["triton"] != "ok" else "cuda")
-    with pytest.raises(NotImplementedError, match="sync_bn"):
-        resfuse.convert(model, sync_bn=True)
+    with pytest.raises(ValueError, match="process_group"):
+        resfuse.convert(model, process_group=object())
     with pytest.raises(ValueError, match="backend"):
         resfuse.convert(model, backend="nonsense")
     assert [type(m) for m in model.modules()] == before

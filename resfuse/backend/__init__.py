@@ -20,6 +20,8 @@ import contextvars
 import os
 from typing import Dict, Iterator, Optional
 
+import torch
+
 from .base import Backend, BackendUnavailable, Case
 from .cuda import CudaBackend
 from .eager import EagerBackend
@@ -111,6 +113,21 @@ def get(name: str) -> Backend:
     return _registry[name]
 
 
+@torch.compiler.assume_constant_result
+def _selected_name(case: Case, backend: Optional[str]) -> str:
+    return select(case, backend).name
+
+
+def select_for_call(case: Case, backend: Optional[str] = None) -> Backend:
+    """`select`, as the public functions call it. Under torch.compile the choice is made once,
+    while tracing, and kept in the compiled graph (the scope's ContextVar and the environment
+    cannot be traced): a different `use_backend` scope or RESFUSE_BACKEND later needs a new
+    `torch.compile` (or `torch.compiler.reset()`) to take effect."""
+    if torch.compiler.is_compiling():
+        return _registry[_selected_name(case, backend)]
+    return select(case, backend)
+
+
 def select(case: Case, backend: Optional[str] = None) -> Backend:
     """The backend that runs `case`."""
     name = requested(backend)
@@ -131,4 +148,4 @@ def select(case: Case, backend: Optional[str] = None) -> Backend:
 
 
 __all__ = ["Backend", "BackendUnavailable", "Case", "backends", "use_backend", "register",
-           "requested", "select", "get", "NAMES", "AUTO_ORDER"]
+           "requested", "select", "select_for_call", "get", "NAMES", "AUTO_ORDER"]

@@ -74,6 +74,28 @@ def per_channel(v: Tensor) -> Tensor:
 _DIMS = (0, 2, 3)
 
 
+def finalize_stats(mean: Tensor, var: Tensor, count, eps: float, running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                   momentum: Optional[float]) -> Tensor:
+    """`Backend.bn_finalize` as a function. `count` (values per channel) may be an int or, for
+    statistics synchronised across processes, a 0-d tensor on the device (never read back)."""
+    invstd = torch.rsqrt(var + eps)
+    if running_mean is not None:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            # 1/num_batches_tracked read on the device; the module's .item() would sync.
+            factor = (num_batches_tracked.to(torch.float64).reciprocal().to(mean.dtype)
+                      if num_batches_tracked is not None else torch.zeros((), dtype=mean.dtype,
+                                                                            device=mean.device))
+        else:
+            factor = momentum
+        unbiased = var * (count / (count - 1))
+        running_mean.copy_(mean * factor + running_mean.to(mean.dtype) * (1 - factor))
+        running_var.copy_(unbiased * factor + running_var.to(var.dtype) * (1 - factor))
+    return invstd
+
+
 class Backend:
     name = "pieces"
     # True for a backend whose training forward is a chain of differentiable torch ops
@@ -116,21 +138,8 @@ class Backend:
         """Inverse std of the batch; updates the running statistics in place exactly as
         `nn.BatchNorm2d` in training does (unbiased variance, momentum=None as cumulative
         average over `num_batches_tracked`), with no host synchronisation."""
-        invstd = torch.rsqrt(var + eps)
-        if running_mean is not None:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            if momentum is None:
-                # 1/num_batches_tracked read on the device; the module's .item() would sync.
-                factor = (num_batches_tracked.to(torch.float64).reciprocal().to(mean.dtype)
-                          if num_batches_tracked is not None else torch.zeros((), dtype=mean.dtype,
-                                                                                device=mean.device))
-            else:
-                factor = momentum
-            unbiased = var * (count / (count - 1))
-            running_mean.copy_(mean * factor + running_mean.to(mean.dtype) * (1 - factor))
-            running_var.copy_(unbiased * factor + running_var.to(var.dtype) * (1 - factor))
-        return invstd
+        return finalize_stats(mean, var, count, eps, running_mean, running_var,
+                              num_batches_tracked, momentum)
 
     def scale_shift_add_act(self, z: Tensor, scale: Tensor, shift: Tensor,
                             residual: Optional[Tensor], act: Activation, save_input: bool = True
