@@ -297,6 +297,18 @@ def _(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, wei
     return y, torch.empty_like(x), stats, torch.empty_like(stats)
 
 
+def preact_saved(act: Activation, x: Tensor, a: Tensor, mean: Tensor, invstd: Tensor,
+                 bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]) -> Optional[Tensor]:
+    """What the activation's backward reads in the pre-activation form: a = act(bn(x)) itself,
+    or the pre-activation bn(x), recomputed rather than stored (one tensor less to keep)."""
+    if act.saves == "output":
+        return a
+    if act.saves == "input":
+        scale, shift = bn_scale_shift(mean, invstd, bn_weight, bn_bias)
+        return torch.addcmul(per_channel(shift), x, per_channel(scale)).to(x.dtype)
+    return None
+
+
 @_op("bn_act_conv_bwd(Tensor grad_y, Tensor x, Tensor a, Tensor weight, Tensor mean, "
      "Tensor invstd, Tensor? bn_weight, Tensor? bn_bias, int[] stride, int[] padding, "
      "int[] dilation, int groups, bool use_batch_stats, str activation, float negative_slope, "
@@ -317,13 +329,7 @@ def bn_act_conv_bwd(grad_y: Tensor, x: Tensor, a: Tensor, weight: Tensor, mean: 
     g_a, g_w, g_b = be.conv_backward(grad_y, a, weight, has_bias, p, [need_ga, m_w, m_b and has_bias])
     g_x = g_bnw = g_bnb = None
     if need_ga:
-        if act.saves == "output":
-            saved = a
-        elif act.saves == "input":  # recomputed rather than stored: one tensor less to keep
-            scale, shift = bn_scale_shift(mean, invstd, bn_weight, bn_bias)
-            saved = torch.addcmul(per_channel(shift), x, per_channel(scale)).to(x.dtype)
-        else:
-            saved = None
+        saved = preact_saved(act, x, a, mean, invstd, bn_weight, bn_bias)
         _, g_x, g_bnw, g_bnb = be.bn_act_backward(g_a, saved, x, mean, invstd, bn_weight,
                                                   use_batch_stats, act, m_x, m_bnw or m_bnb,
                                                   need_gu=False)

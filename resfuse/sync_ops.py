@@ -34,8 +34,8 @@ from torch.autograd.function import once_differentiable
 
 from . import backend as dispatch
 from .activations import Activation
-from .backend.base import acc_dtype, bn_scale_shift, finalize_stats, per_channel
-from .ops import OpConfig, _empty, _op, _or_empty, _param_grad, _params
+from .backend.base import acc_dtype, bn_scale_shift, finalize_stats
+from .ops import OpConfig, _empty, _op, _or_empty, _param_grad, _params, preact_saved
 
 Tensor = torch.Tensor
 
@@ -214,14 +214,8 @@ def sync_bn_act_conv_bwd_reduce(grad_y: Tensor, x: Tensor, a: Tensor, weight: Te
                                      [need_bn, m_w, m_b and has_bias])
     g_u = sums = None
     if need_bn:
-        if act.saves == "output":
-            saved = a
-        elif act.saves == "input":  # recomputed rather than stored
-            scale, shift = bn_scale_shift(mean, invstd, bn_weight, bn_bias)
-            saved = torch.addcmul(per_channel(shift), x, per_channel(scale)).to(x.dtype)
-        else:
-            saved = None
-        g_u, sums = _reduce(g_a, saved, x, mean, act)
+        g_u, sums = _reduce(g_a, preact_saved(act, x, a, mean, invstd, bn_weight, bn_bias), x,
+                            mean, act)
     return _or_empty(grad_y, g_w if m_w else None, g_b if (m_b and has_bias) else None, g_u, sums)
 
 
