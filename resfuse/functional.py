@@ -138,8 +138,8 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
              num_batches_tracked, momentum, eps, training, out_shape, synced=group is not None)
     check_residual(residual, x, out_shape)
     act = as_activation(activation, negative_slope)
-    be = dispatch.select_for_call(Case("conv_bn_act", x.device.type, x.dtype, _channels_last(x),
-                              cp.groups, training), backend)
+    be = dispatch.select_for_call(Case("conv_bn_act", x.device.type, x.dtype,
+                                       _channels_last(x), cp.groups, training), backend)
     if x.shape[0] == 0 and group is None:
         # Empty batch: exactly what the module chain does (no stats update). (A synchronised
         # call goes on: every process must join the collective.)
@@ -226,8 +226,8 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
              momentum, eps, training, tuple(x.shape), synced=group is not None)
     check_residual(residual, x, (x.shape[0], c_out, oh, ow))
     act = as_activation(activation, negative_slope)
-    be = dispatch.select_for_call(Case("bn_act_conv", x.device.type, x.dtype, _channels_last(x),
-                              cp.groups, training), backend)
+    be = dispatch.select_for_call(Case("bn_act_conv", x.device.type, x.dtype,
+                                       _channels_last(x), cp.groups, training), backend)
     if (x.shape[0] == 0 and group is None) or cp.pre_pad != (0, 0):
         # Empty batch, or an asymmetric "same" padding (which must pad act(bn(x)), not x):
         # the module chain itself (synchronised: normalize with the group, then the conv).
