@@ -48,14 +48,14 @@ def _conv_args(conv: nn.Conv2d, x: Tensor):
 def is_batch_norm_2d(m) -> bool:
     """A BatchNorm the fused ops can stand in for: nn.BatchNorm2d, nn.SyncBatchNorm or
     resfuse's SyncBatchNorm."""
-    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm))
+    return isinstance(m, (nn.BatchNorm2d,) + _SYNC_NORMS)
 
 
 def _sync_group(bn) -> Optional[object]:
     """The process group an nn.SyncBatchNorm synchronises over in this call, else None
     (nn.SyncBatchNorm's rule: in training, with torch.distributed initialised; the functional
     op drops a group of one process)."""
-    if not (isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm)) and bn.training):
+    if not (isinstance(bn, _SYNC_NORMS) and bn.training):
         return None
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
@@ -102,7 +102,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         `process_group` None keeps an nn.SyncBatchNorm's own (None: the world)."""
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise ResfuseInputError(f"bn: expected a BatchNorm module, got {type(bn).__name__}")
-        if process_group is None and isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm)):
+        if process_group is None and isinstance(bn, _SYNC_NORMS):
             process_group = bn.process_group
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                   process_group, device="meta", backend=backend)
@@ -118,6 +118,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         x = input if input.dim() == 4 else input.reshape(input.shape[0], input.shape[1], -1, 1)
         y = RF.bn_act(x, **_bn_args(self), activation="identity", backend=self.backend)
         return y if input.dim() == 4 else y.reshape(input.shape)
+
+
+# The SyncBatchNorm classes: torch's and resfuse's.
+_SYNC_NORMS = (nn.SyncBatchNorm, SyncBatchNorm)
 
 
 def _norm_layer(norm_layer, sync_bn: bool, process_group):

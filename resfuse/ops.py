@@ -278,6 +278,14 @@ def bn_act_conv_fwd(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Te
     a, mean, invstd, _ = be.bn_act_forward(x, bn_weight, bn_bias, running_mean, running_var,
                                            num_batches_tracked, training, momentum, eps, None,
                                            act, False)
+    return conv_add_outputs(be, x, a, mean, invstd, weight, bias, residual, p, save_for_backward)
+
+
+def conv_add_outputs(be, x: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+                     bias: Optional[Tensor], residual: Optional[Tensor], p: ConvParams,
+                     save_for_backward: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pre-activation forward's end: y = conv(a) + residual, and (y, a, mean, invstd)
+    with a and the statistics only when saving."""
     y = be.conv(a, weight, bias, p)
     if residual is not None:
         y = y.add_(residual)
@@ -286,15 +294,21 @@ def bn_act_conv_fwd(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Te
     return y, a, mean, invstd
 
 
-@bn_act_conv_fwd.register_fake
-def _(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias,
-      residual, stride, padding, dilation, groups, training, momentum, eps, activation,
-      negative_slope, backend, save_for_backward):
+def bn_act_conv_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                     dilation, groups: int, save_for_backward: bool):
+    """Fake outputs (y, a, mean, invstd) of a pre-activation forward op."""
     y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
     if not save_for_backward:
         return y, _empty(x), _empty(x), _empty(x)
     stats = x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
     return y, torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@bn_act_conv_fwd.register_fake
+def _(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias,
+      residual, stride, padding, dilation, groups, training, momentum, eps, activation,
+      negative_slope, backend, save_for_backward):
+    return bn_act_conv_fake(x, weight, bias, stride, padding, dilation, groups, save_for_backward)
 
 
 def preact_saved(act: Activation, x: Tensor, a: Tensor, mean: Tensor, invstd: Tensor,

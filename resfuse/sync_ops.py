@@ -35,7 +35,8 @@ from torch.autograd.function import once_differentiable
 from . import backend as dispatch
 from .activations import Activation
 from .backend.base import acc_dtype, bn_scale_shift, finalize_stats
-from .ops import OpConfig, _empty, _op, _or_empty, _param_grad, _params, preact_saved
+from .ops import (OpConfig, _empty, _op, _or_empty, _param_grad, _params, bn_act_conv_fake,
+                  conv_add_outputs, preact_saved)
 
 Tensor = torch.Tensor
 
@@ -153,23 +154,15 @@ def sync_bn_act_conv_fwd(x: Tensor, stats: Tensor, bn_weight: Optional[Tensor],
     a, mean, invstd, _ = _bn_act(x, stats, bn_weight, bn_bias, running_mean, running_var,
                                  num_batches_tracked, None, momentum, eps,
                                  Activation(activation, negative_slope), False)
-    y = be.conv(a, weight, bias, _params(stride, padding, dilation, groups))
-    if residual is not None:
-        y = y.add_(residual)
-    if not save_for_backward:
-        return y, _empty(x), _empty(x), _empty(x)
-    return y, a, mean, invstd
+    return conv_add_outputs(be, x, a, mean, invstd, weight, bias, residual,
+                            _params(stride, padding, dilation, groups), save_for_backward)
 
 
 @sync_bn_act_conv_fwd.register_fake
 def _(x, stats, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight,
       bias, residual, stride, padding, dilation, groups, momentum, eps, activation,
       negative_slope, backend, save_for_backward):
-    y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-    if not save_for_backward:
-        return y, _empty(x), _empty(x), _empty(x)
-    c = x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
-    return y, torch.empty_like(x), c, torch.empty_like(c)
+    return bn_act_conv_fake(x, weight, bias, stride, padding, dilation, groups, save_for_backward)
 
 
 # ------------------------------------------------------------------------------ backward
