@@ -276,7 +276,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "test": ["pytest"],
-        "plot": ["matplotlib"],
+        "plots": ["matplotlib"],  # bench/ plots
+        "plot": ["matplotlib"],  # (the earlier name)
         "dev": ["pytest", "matplotlib", "ninja", "pybind11"],
     },
     ext_modules=[cuda_extension()] if PLAN["build"] else [],

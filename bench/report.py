@@ -4,8 +4,10 @@
     python bench/report.py            # rewrites README.md between the results markers
     python bench/report.py --print    # prints the section instead
 
-Every row comes from a JSON file under bench/results/ written by bench/run.py; the newest file
-per (device type, model, dtype, layout) is shown, with its date, device, commit and settings.
+Every figure comes from a JSON file under bench/results/ (bench/run.py's suites; also
+bench/cuda_kernels.py's kernel runs and the model-only runs of bench/run.py before the suites),
+with its date, device, commit and settings; plots are the PNG files bench/run.py wrote beside a
+result (`--plots` makes them from the JSON where they are missing: needs matplotlib).
 """
 from __future__ import annotations
 
@@ -19,7 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+SCHEMA = "resfuse-bench/2"
+
+
 def load(results_dir: str) -> list:
+    """The runs to show, newest first: per device type, the newest bench/run.py run of each
+    suite (suites older than a newer `all` run of the same device type left out); the newest
+    bench/cuda_kernels.py run per device; and older model-only runs (schema 1) only for a
+    device type with no suite run."""
     runs = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         with open(path) as f:
@@ -27,49 +36,231 @@ def load(results_dir: str) -> list:
         r["_file"] = os.path.relpath(path, ROOT)
         runs.append(r)
     newest = {}
-    for r in runs:
-        if r.get("kind") == "cuda-kernels":  # bench/cuda_kernels.py: its own table
-            key = ("cuda-kernels", r["env"]["device"], r["dtype"], r["layout"])
-            if key not in newest or r["env"]["date"] > newest[key]["env"]["date"]:
-                newest[key] = r
-            continue
-        s = r["settings"]
-        key = (r["env"]["device_type"], s["model"], s["dtype"], s["layout"])
+
+    def keep(key, r):
         if key not in newest or r["env"]["date"] > newest[key]["env"]["date"]:
             newest[key] = r
-    return sorted(newest.values(), key=lambda r: r["env"]["date"], reverse=True)
+    suite_types = {r["env"]["device_type"] for r in runs if r.get("schema") == SCHEMA}
+    for r in runs:
+        if r.get("schema") == SCHEMA:
+            keep(("suite", r["env"]["device_type"], r["settings"]["suite"]), r)
+        elif r.get("kind") == "cuda-kernels":  # bench/cuda_kernels.py: its own table
+            keep(("cuda-kernels", r["env"]["device"], r["dtype"], r["layout"]), r)
+        elif r["env"]["device_type"] not in suite_types:  # bench/run.py before the suites
+            s = r["settings"]
+            keep((r["env"]["device_type"], s["model"], s["dtype"], s["layout"]), r)
+    for key, r in list(newest.items()):
+        if key[0] == "suite" and key[2] != "all":
+            full = newest.get(("suite", key[1], "all"))
+            if full is not None and full["env"]["date"] >= r["env"]["date"]:
+                del newest[key]
+    order = lambda r: (r.get("schema") != SCHEMA, r["env"].get("device_type") != "cuda",  # noqa: E731
+                       r.get("kind") == "cuda-kernels")
+    return sorted(sorted(newest.values(), key=lambda r: r["env"]["date"], reverse=True), key=order)
 
 
 def render(runs: list) -> str:
     if not runs:
         return "No results recorded yet."
     out = []
+    if not any(r.get("schema") == SCHEMA and r["env"]["device_type"] == "cuda" for r in runs):
+        out += ["No GPU run of the benchmark suite (`bench/run.py`) is recorded yet; the GPU "
+                "figures below are from `bench/cuda_kernels.py`.", ""]
     for r in runs:
-        if r.get("kind") == "cuda-kernels":
+        if r.get("schema") == SCHEMA:
+            out += render_suite(r)
+        elif r.get("kind") == "cuda-kernels":
             out += render_kernels(r)
-            continue
-        e, s, p = r["env"], r["settings"], r["parity"]
-        out.append(f"**{s['model']}** ({s['model_source']}), batch {s['batch']}, {s['size']}×{s['size']}, "
-                   f"{s['dtype']}, {s['layout']} — {e['device']} ({e['threads']} threads), "
-                   f"torch {e['torch']}, resfuse {e['resfuse']} @ `{e['commit']}`, {e['date'][:10]}; "
-                   f"median of {s['repeats']} interleaved repetitions "
-                   f"([`{r['_file']}`]({r['_file']})):")
-        out.append("")
-        out.append("| mode | contestant | median ms | p20–p80 ms | img/s | vs eager |")
-        out.append("| --- | --- | ---: | ---: | ---: | ---: |")
-        for row in r["rows"]:
-            mode = {"eval": "eval (inference)", "train": "training step"}.get(row["mode"], row["mode"])
-            out.append(f"| {mode} | {row['contestant']} | {row['median_ms']:.1f} | "
-                       f"{row['p20_ms']:.1f}–{row['p80_ms']:.1f} | {row['img_per_s']:.1f} | "
-                       f"{row['speedup_vs_eager']:.3f}× |")
-        out.append("")
-        out.append(f"Parity in the same run: eval output max relative difference "
-                   f"{p['eval_output_rel_diff']:.1e}; training-step loss {p['train_loss_resfuse']:.6f} "
-                   f"vs {p['train_loss_eager']:.6f} eager, largest parameter-gradient relative "
-                   f"difference {p['train_grad_max_rel_diff']:.1e}, running statistics "
-                   f"{p['running_stats_max_rel_diff']:.1e}.")
-        out.append("")
+        else:
+            out += render_model_run(r)
     return "\n".join(out).rstrip()
+
+
+# -- bench/run.py suites ------------------------------------------------------------------------
+def _x(v) -> str:
+    return "" if v is None else f"{v:.2f}×"
+
+
+def _ms(v) -> str:
+    return "" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def _find(rows, suite, case_prefix, mode, contestant):
+    for r in rows:
+        if (r.get("suite") == suite and r.get("case", "").startswith(case_prefix)
+                and r.get("mode") == mode and r.get("contestant") == contestant
+                and r.get("median_ms")):
+            return r
+    return None
+
+
+def targets(run: dict) -> list:
+    """DESIGN.md section 6's targets against this run: (target, measured, met) rows, for what
+    the run measured (the GPU targets at ResNet-50 stage-1 shapes)."""
+    rows, out = run["rows"], []
+    gpu = run["env"]["device_type"] == "cuda"
+    auto = "resfuse[auto]"
+
+    def add(text, r, value, ok, fmt):
+        out.append((text, "not measured" if r is None else fmt(value),
+                    "" if r is None else ("yes" if ok else "no")))
+    if gpu:
+        side = max((r["shapes"]["x"][2] for r in rows
+                    if r.get("case", "").startswith("scale-bias-add-relu 256 @")), default=None)
+        for mode, what in (("train_fwd", "forward"), ("train_bwd", "backward")):
+            r = _find(rows, "ops", f"scale-bias-add-relu 256 @{side}", mode, auto)
+            frac = None if r is None else r["gbs"] / run["ceilings"]["copy_gbs"]
+            add(f"scale-bias-add-act {what} ≥ 85 % of copy bandwidth", r, frac,
+                frac is not None and frac >= 0.85, lambda v: f"{v:.0%}")
+        r = _find(rows, "blocks", "resnet50 layer1 bottleneck 256->64->256", "train_step", auto)
+        add("bottleneck training step ≥ 1.5× eager", r, r and r["speedup_vs_eager"],
+            r is not None and r["speedup_vs_eager"] >= 1.5, _x)
+        ok = r is not None and r.get("speedup_vs_compile") is not None
+        add("bottleneck training step ≥ 1.25× torch.compile", r if ok else None,
+            r and r.get("speedup_vs_compile"), ok and r["speedup_vs_compile"] >= 1.25, _x)
+        r = _find(rows, "models", "resnet50", "train_step", auto)
+        add("ResNet-50 training step ≥ 1.4× eager", r, r and r["speedup_vs_eager"],
+            r is not None and r["speedup_vs_eager"] >= 1.4, _x)
+        add("ResNet-50 training step, img/s (long run: ≈ 7,000)", r, r and r["img_per_s"],
+            r is not None and r["img_per_s"] >= 7000, lambda v: f"{v:,.0f}")
+        r = _find(rows, "models", "resnet50", "eval", auto)
+        add("ResNet-50 eval ≥ 1.5× eager", r, r and r["speedup_vs_eager"],
+            r is not None and r["speedup_vs_eager"] >= 1.5, _x)
+        ok = r is not None and r.get("speedup_vs_compile") is not None
+        add("ResNet-50 eval ≥ torch.compile", r if ok else None, r and r.get("speedup_vs_compile"),
+            ok and r["speedup_vs_compile"] >= 1.0, _x)
+        r = _find(rows, "models", "resnet50", "train_step", auto)
+        e = _find(rows, "models", "resnet50", "train_step", "eager")
+        ratio = (r["peak_bytes"] / e["peak_bytes"]
+                 if r and e and r.get("peak_bytes") and e.get("peak_bytes") else None)
+        add("peak training memory ≤ 0.75× eager", r if ratio else None, ratio,
+            ratio is not None and ratio <= 0.75, _x)
+    else:
+        r = _find(rows, "models", "resnet50", "eval", auto)
+        add("CPU: ResNet-50 eval ≥ 1.2× eager", r, r and r["speedup_vs_eager"],
+            r is not None and r["speedup_vs_eager"] >= 1.2, _x)
+        r = _find(rows, "models", "resnet50", "train_step", auto)
+        add("CPU: ResNet-50 training within 5 % of eager (≥ 0.95×)", r,
+            r and r["speedup_vs_eager"], r is not None and r["speedup_vs_eager"] >= 0.95, _x)
+    return out
+
+
+def _grouped(rows, suite):
+    groups = {}
+    for r in rows:
+        if r.get("suite") != suite:
+            continue
+        key = (r["case"], r["mode"], r["dtype"], r["layout"], r["batch"])
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _case_table(run: dict, suite: str, contestants: list, multi: bool) -> list:
+    head = ["case", "mode"] + (["dtype, layout, batch"] if multi else []) + ["eager ms"]
+    head += [f"{c} vs eager" for c in contestants]
+    head += ["resfuse[auto] of roofline", "rel. error vs eager"]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " --- |" * multi +
+           " ---: |" * (len(head) - 2 - multi)]
+    for (case, mode, dtype, layout, batch), group in _grouped(run["rows"], suite).items():
+        by = {r.get("contestant"): r for r in group}
+        err = next((r for r in group if r.get("error")), None)
+        cells = [case, mode] + ([f"{dtype}, {layout}, {batch}"] if multi else [])
+        if err is not None:
+            out.append("| " + " | ".join(cells + [f"error: {err['error'][:80]}"] +
+                                         [""] * (len(head) - len(cells) - 1)) + " |")
+            continue
+        cells.append(_ms((by.get("eager") or {}).get("median_ms")))
+        cells += [_x((by.get(c) or {}).get("speedup_vs_eager")) for c in contestants]
+        a = by.get("resfuse[auto]") or {}
+        cells.append("" if a.get("frac_of_roofline") is None else
+                     f"{a['frac_of_roofline']:.0%} ({a.get('bound')})")
+        diffs = [r["rel_err"] for r in group if r.get("rel_err") is not None]
+        cells.append(f"{max(diffs):.1e}" if diffs else "")
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def render_suite(run: dict) -> list:
+    e, s, c = run["env"], run["settings"], run["ceilings"]
+    stem = os.path.splitext(run["_file"])[0]
+    files = f"[`{run['_file']}`]({run['_file']})"
+    if os.path.exists(os.path.join(ROOT, stem + ".csv")):
+        files += f", [csv]({stem}.csv)"
+    dev = e["device"] + (f", driver {e['driver']}" if e.get("driver") else
+                         f" ({e['threads']} threads)")
+    out = [f"**Suite `{s['suite']}`** — {dev}; torch {e['torch']}"
+           + (f" (CUDA {e['cuda']})" if e.get("cuda") else "")
+           + (f", triton {e['triton']}" if e.get("triton") else "")
+           + f"; resfuse {e['resfuse']} @ `{e['commit']}`, {e['date'][:10]}; "
+           f"{', '.join(s['dtypes'])}, {', '.join(s['layouts'])}, batch "
+           f"{', '.join(map(str, s['batches']))}, image side {s['image']}; medians of "
+           f"{s['repeats']} interleaved repetitions ({files}). Ceilings measured in the same run: "
+           f"copy {c['copy_gbs']:.0f} GB/s (read + write); "
+           + "; ".join(f"{k} {v:.0f} TFLOP/s" if v >= 10 else f"{k} {v:.2f} TFLOP/s"
+                       for k, v in c["compute_tflops"].items())
+           + " (the larger of a matmul and a 1×1 convolution).", ""]
+    tg = targets(run)
+    if tg:
+        out += ["| DESIGN.md §6 target | measured (resfuse[auto]) | met |", "| --- | ---: | :---: |"]
+        out += [f"| {t} | {m} | {ok} |" for t, m, ok in tg]
+        out.append("")
+    multi = len(s["dtypes"]) * len(s["layouts"]) * len(s["batches"]) > 1
+    others = [c for c in s["contestants"] if c != "eager"]
+    models = [r for r in run["rows"] if r.get("suite") == "models"]
+    if models:
+        head = ["model", "mode"] + (["dtype, layout, batch"] if multi else []) + \
+            ["contestant", "median ms", "p20–p80 ms", "img/s", "vs eager", "vs torch.compile",
+             "peak memory", "rel. error vs eager"]
+        out += ["| " + " | ".join(head) + " |",
+                "|" + " --- |" * (3 + multi) + " ---: |" * (len(head) - 3 - multi)]
+        for r in models:
+            if r.get("error"):
+                out.append(f"| {r['case']} | {r['mode']} | error: {r['error'][:80]} |")
+                continue
+            cells = [r["case"], {"train_step": "training step", "eval": "eval"}[r["mode"]]]
+            cells += [f"{r['dtype']}, {r['layout']}, {r['batch']}"] if multi else []
+            cells += [r["contestant"], _ms(r["median_ms"]), f"{_ms(r['p20_ms'])}–{_ms(r['p80_ms'])}",
+                      f"{r['img_per_s']:,.0f}" if r["img_per_s"] >= 100 else f"{r['img_per_s']:.1f}",
+                      _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile")),
+                      "" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.2f} GiB",
+                      "" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    for suite, title in (("blocks", "Blocks (ResNet-18 and ResNet-50 block shapes)"),
+                         ("ops", "Ops (conv-bn-act on ResNet-50's conv shapes; scale-bias-add-act)")):
+        if any(r.get("suite") == suite for r in run["rows"]):
+            cs = [c for c in others if "+" not in c]
+            out += [f"<details><summary>{title}: speed-up of each contestant against eager</summary>", ""]
+            out += _case_table(run, suite, cs, multi)
+            out += ["", "</details>", ""]
+    for kind in ("speedup", "roofline"):
+        png = f"{stem}-{kind}.png"
+        if os.path.exists(os.path.join(ROOT, png)):
+            out += [f"![{kind}]({png})", ""]
+    return out
+
+
+# -- bench/run.py before the suites (schema 1) and bench/cuda_kernels.py -------------------------
+def render_model_run(r: dict) -> list:
+    e, s, p = r["env"], r["settings"], r["parity"]
+    out = [f"**{s['model']}** ({s['model_source']}), batch {s['batch']}, {s['size']}×{s['size']}, "
+           f"{s['dtype']}, {s['layout']} — {e['device']} ({e['threads']} threads), "
+           f"torch {e['torch']}, resfuse {e['resfuse']} @ `{e['commit']}`, {e['date'][:10]}; "
+           f"median of {s['repeats']} interleaved repetitions "
+           f"([`{r['_file']}`]({r['_file']})):", "",
+           "| mode | contestant | median ms | p20–p80 ms | img/s | vs eager |",
+           "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for row in r["rows"]:
+        mode = {"eval": "eval (inference)", "train": "training step"}.get(row["mode"], row["mode"])
+        out.append(f"| {mode} | {row['contestant']} | {row['median_ms']:.1f} | "
+                   f"{row['p20_ms']:.1f}–{row['p80_ms']:.1f} | {row['img_per_s']:.1f} | "
+                   f"{row['speedup_vs_eager']:.3f}× |")
+    out += ["", f"Parity in the same run: eval output max relative difference "
+            f"{p['eval_output_rel_diff']:.1e}; training-step loss {p['train_loss_resfuse']:.6f} "
+            f"vs {p['train_loss_eager']:.6f} eager, largest parameter-gradient relative "
+            f"difference {p['train_grad_max_rel_diff']:.1e}, running statistics "
+            f"{p['running_stats_max_rel_diff']:.1e}.", ""]
+    return out
 
 
 def render_kernels(r: dict) -> list:
@@ -102,12 +293,33 @@ def render_kernels(r: dict) -> list:
     return out
 
 
+def make_missing_plots(results_dir: str):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import plots
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        stem = os.path.splitext(path)[0]
+        if r.get("schema") != SCHEMA or os.path.exists(stem + "-speedup.png"):
+            continue
+        r["_stem"] = stem
+        made = plots.make_plots(r, os.path.dirname(path), stem=os.path.basename(stem))
+        if made is None:
+            raise SystemExit("--plots: matplotlib is not installed (pip install 'resfuse[plots]')")
+        for p in made:
+            print(f"wrote {os.path.relpath(p)}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     ap.add_argument("--print", action="store_true", dest="print_only")
+    ap.add_argument("--plots", action="store_true",
+                    help="write the PNG plots of suite results that have none (needs matplotlib)")
     args = ap.parse_args(argv)
+    if args.plots:
+        make_missing_plots(args.results)
     section = render(load(args.results))
     if args.print_only:
         print(section)

@@ -1,284 +1,340 @@
 #!/usr/bin/env python3
-"""Converted ResNet against eager PyTorch: a parity check and a timing table.
+"""resfuse against eager PyTorch and torch.compile: ops, blocks and whole ResNets, on this device.
 
-    python bench/run.py                          # ResNet-50, eval + training, on this device
-    python bench/run.py --model resnet18 --batch 8 --size 224 --compile --out bench/results
-    python bench/run.py --compile --cuda-graphs                # on a GPU: + compile, + CUDA graphs
+    python bench/run.py                                   # the quick suite (under 2 min on a CPU)
+    python bench/run.py --suite all --dtype bfloat16      # on a GPU: everything, about ten minutes
+    python bench/run.py --suite blocks --compile both --layout channels_last,nchw --batch 128,256
+    python bench/run.py --suite ops --only scale-bias --list     # what would run, without running
 
-What it does, on whatever device there is (CPU unless CUDA is available or --device says so):
-1. builds the model (torchvision's when it imports, else `resfuse.models`' torchvision-compatible
-   definition), with non-trivial BN statistics, and a copy converted by `resfuse.convert`;
-2. parity: eval outputs, and one training step's loss and every parameter gradient, of the
-   converted copy against the original (max abs difference relative to the largest value);
-3. timing: eval forward and a training step (forward, backward, SGD step) of each contestant
-   (eager, resfuse; with --compile both under torch.compile; with --cuda-graphs, on a GPU, the
-   converted model's whole training step captured once in a CUDA graph and replayed),
-   interleaved repetition by repetition so that drift of the machine hits all alike; median with
-   20th/80th percentiles, images per second and the ratio to eager from the same run.
-Results go to a JSON file (with device, versions, commit and settings) under --out.
+Suites (bench/suites.py): `ops` (conv-bn-act in eval, training forward and forward + backward;
+scale-bias-add-act forward, backward and eval), `blocks` (every distinct ResNet-18 and ResNet-50
+block: training step and eval), `models` (converted ResNet-18/50: training step with SGD, and
+eval), `quick` (a few of each), `all`. Contestants from the same run: eager (resfuse.reference,
+or torchvision's model), torch.compile (default; max-autotune with --compile max-autotune or
+both), and resfuse with each available backend.
+
+Every case is first checked against eager on the same inputs (norm-wise relative error, the
+largest over outputs, running statistics and gradients), then timed: contestants interleaved, warm-up
+excluded, inputs rotated past the last-level cache, CUDA events on a GPU; median with 20th/80th
+percentiles; peak memory on a GPU. The copy bandwidth and matmul throughput of the device are
+measured at the start of the run, and each row is reported against them (bench/counts.py gives
+each case's bytes and FLOPs from its shapes).
+
+Writes DIR/<date>-<device>-<suite>-<commit>.json and .csv (every row tagged with device,
+driver, versions, commit, dtype, layout and shapes) and, where matplotlib is installed, PNG
+plots (bench/plots.py); prints a table. `python bench/report.py` renders the README's results
+section from the committed files under bench/results/.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
+import contextlib
+import csv
+import gc
 import json
 import os
-import platform
-import statistics
-import subprocess
+import re
 import sys
 import time
+import traceback
 
 import torch
-import torch.nn as nn
 
-import resfuse
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import resfuse  # noqa: E402
+
+import harness  # noqa: E402
+import suites  # noqa: E402
+from suites import AUTOTUNE, COMPILE, EAGER  # noqa: E402
+
+SCHEMA = "resfuse-bench/2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+KERNEL_BACKENDS = ("cuda", "triton")
+TAGS = ("device", "device_type", "driver", "torch", "triton", "cuda", "commit", "date")
 
 
-def build_model(name: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
+def _list(text: str) -> list:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--suite", default="quick", choices=suites.SUITES)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
+    p.add_argument("--dtype", default=None,
+                   help="comma list of float32, bfloat16, float16, float64 "
+                        "(default: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--layout", default="channels_last", help="comma list of channels_last, nchw")
+    p.add_argument("--batch", default=None, help="comma list (default: 256 on a GPU, 8 on a CPU)")
+    p.add_argument("--image", type=int, default=None,
+                   help="image side the shapes derive from (default: 224 on a GPU, 112 on a CPU)")
+    p.add_argument("--backends", default=None,
+                   help="comma list of resfuse backends to contest (default: auto and every "
+                        "available kernel backend: cuda, triton)")
+    p.add_argument("--compile", default=None, choices=["off", "default", "max-autotune", "both"],
+                   help="torch.compile contestants (default: 'default' on a GPU, 'off' on a CPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="models on a GPU: add the converted training step replayed from a CUDA graph")
+    p.add_argument("--repeats", type=int, default=None, help="default: 30 on a GPU, 10 on a CPU")
+    p.add_argument("--warmup", type=int, default=None, help="default: 5 on a GPU, 2 on a CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "out"),
+                   help="folder for the JSON, CSV and plots")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    a.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = a.device.type == "cuda"
     try:
-        import torchvision
-        return getattr(torchvision.models, name)(num_classes=num_classes), "torchvision"
-    except Exception:  # torchvision missing or built for another torch
-        from resfuse import models
-        return getattr(models, name)(num_classes=num_classes), "resfuse.models"
+        a.dtypes = [DTYPES[d] for d in _list(a.dtype or ("bfloat16" if gpu else "float32"))]
+    except KeyError as e:
+        p.error(f"--dtype: unknown {e}; one of {', '.join(DTYPES)}")
+    a.layouts = _list(a.layout)
+    if not set(a.layouts) <= {"channels_last", "nchw"}:
+        p.error("--layout: channels_last and/or nchw")
+    a.batches = [int(b) for b in _list(a.batch or ("256" if gpu else "8"))]
+    a.image = a.image or (224 if gpu else 112)
+    a.compile = a.compile or ("default" if gpu else "off")
+    a.repeats = a.repeats or (30 if gpu else 10)
+    a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 2)
+    if min(a.batches) < 1 or a.image < 32 or a.repeats < 1:
+        p.error("--batch >= 1, --image >= 32, --repeats >= 1")
+    return a
 
 
-def randomize_bn(model: nn.Module):
-    """Running statistics and affine parameters away from their (1, 0) init, so that folding
-    and normalisation are actually exercised."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
-def parity(plain: nn.Module, fused: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict:
-    plain, fused = copy.deepcopy(plain), copy.deepcopy(fused)  # timing models stay untouched
-    plain.eval(), fused.eval()
-    with torch.no_grad():
-        eval_diff = rel_diff(fused(x), plain(x))
-    plain.train(), fused.train()
-    losses = []
-    for m in (plain, fused):
-        loss = nn.functional.cross_entropy(m(x), target)
-        loss.backward()
-        losses.append(loss.item())
-    fp, fb = dict(fused.named_parameters()), dict(fused.named_buffers())
-    grad_diff = max(rel_diff(fp[n].grad, p.grad) for n, p in plain.named_parameters())
-    stat_diff = max(rel_diff(fb[n], b) for n, b in plain.named_buffers() if b.is_floating_point())
-    return dict(eval_output_rel_diff=eval_diff, train_loss_eager=losses[0],
-                train_loss_resfuse=losses[1], train_grad_max_rel_diff=grad_diff,
-                running_stats_max_rel_diff=stat_diff)
-
-
-def contestants(plain: nn.Module, fused: nn.Module, use_compile: bool) -> dict:
-    out = {"eager": plain, "resfuse": fused}
-    if use_compile:
-        out["torch.compile"] = torch.compile(copy.deepcopy(plain))
-        out["resfuse+compile"] = torch.compile(copy.deepcopy(fused))
-    return out
-
-
-def graphed_train_step(model: nn.Module, inputs: list, target: torch.Tensor, counter: list):
-    """The training step (forward, backward, SGD step) of `model` captured in one CUDA graph,
-    after warm-up steps on a side stream; each call copies the next input into the captured
-    input buffer and replays the graph."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    static_x = inputs[0].clone()
-
-    def step():
-        nn.functional.cross_entropy(model(static_x), target).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-
-    def replay():
-        counter[0] += 1
-        static_x.copy_(inputs[counter[0] % 2])
-        graph.replay()
-    return replay
-
-
-def time_interleaved(fns: dict, repeats: int, warmup: int, device) -> dict:
-    """{name: [seconds, ...]}: one repetition of each contestant in turn, `repeats` times."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    sync(device)
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            f()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def summarize(ts: list, batch: int) -> dict:
-    q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
-    med = statistics.median(ts)
-    return dict(median_ms=med * 1e3, p20_ms=q[0] * 1e3, p80_ms=q[3] * 1e3, img_per_s=batch / med,
-                repeats=len(ts))
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=ROOT, text=True, capture_output=True).stdout.strip())
-    except Exception:
-        commit, dirty = "unknown", False
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+def contestants(a: argparse.Namespace) -> tuple:
+    """(names, skipped: {name: why}) for this run."""
+    status = resfuse.backends()
+    if a.backends is None:
+        wanted = ["auto"] + [b for b in KERNEL_BACKENDS if status.get(b) == "ok"]
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-        except Exception:
-            pass
+        wanted = _list(a.backends)
+    names, skipped = [EAGER], {}
+    if a.compile in ("default", "both"):
+        names.append(COMPILE)
+    if a.compile in ("max-autotune", "both"):
+        names.append(AUTOTUNE)
+    for b in wanted:
+        if b != "auto" and status.get(b, "unknown backend") != "ok":
+            skipped[f"resfuse[{b}]"] = status.get(b, "unknown backend")
+            continue
+        names.append(f"resfuse[{b}]")
+        if b == "auto" and a.compile != "off":
+            names.append("resfuse[auto]+compile")
+        if b == "auto" and a.cuda_graphs:
+            if a.device.type == "cuda":
+                names.append("resfuse[auto]+cuda-graph")
+            else:
+                skipped["resfuse[auto]+cuda-graph"] = "CUDA graphs need a GPU"
+    return names, skipped
+
+
+def device_slug(env: dict) -> str:
+    if env["device_type"] != "cuda":
+        return "cpu"
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", env["device"])
+    return m.group(1).lower() if m else "gpu"
+
+
+def _configure_compile():
+    # Every case compiles its own functions; torch._dynamo.reset() between cases, and limits
+    # high enough that a recompile never silently falls back to eager.
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 64)
+    for name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 4096)
+
+
+def run_case(case: suites.Case, s: suites.Settings, ceil: dict, env: dict) -> list:
+    """The rows of one case (one per contestant); an error becomes one row that says so."""
+    base = dict(suite=case.suite, case=case.name, mode=case.mode, dtype=s.dtype_name,
+                layout=s.layout, batch=s.batch, image=s.image, shapes=case.shapes,
+                bytes=case.nbytes, bytes_eager=case.nbytes_eager, flops=case.flops,
+                **{k: env[k] for k in TAGS})
+    if any(c != EAGER for c in s.contestants):
+        torch._dynamo.reset()
+    built = None
+    # Backward alone is timed through graphs kept with retain_graph=True, which
+    # torch.compile's donated buffers forbid.
+    patch = (torch._functorch.config.patch(donated_buffer=False) if case.mode == "train_bwd"
+             and hasattr(torch._functorch.config, "donated_buffer") else contextlib.nullcontext())
     try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=name, device_type=device.type, threads=torch.get_num_threads(),
-                cpu_count=os.cpu_count(), torch=torch.__version__, cuda=torch.version.cuda,
-                triton=triton_version, python=platform.python_version(),
-                resfuse=resfuse.__version__, commit=commit + ("-dirty" if dirty else ""),
-                backends=resfuse.backends())
+        with patch:
+            built = case.build(s)
+            checks, source = built.checks, built.source
+            times = harness.time_interleaved(built.fns, s.repeats, s.warmup, s.device)
+            peaks = {n: harness.peak_memory(fn, s.device) for n, fn in built.fns.items()}
+    except Exception as e:  # noqa: BLE001 - one failing case must not end a long run
+        return [dict(base, contestant=None, error=f"{type(e).__name__}: {e}",
+                     traceback=traceback.format_exc(limit=6))]
+    finally:
+        del built
+        gc.collect()
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows = []
+    for name, ms in times.items():
+        st = harness.summarize(ms)
+        rows.append(dict(base, contestant=name, backend=suites.resfuse_backend(name), **st,
+                         img_per_s=case.images / (st["median_ms"] * 1e-3),
+                         peak_bytes=peaks[name], **checks.get(name, {}),
+                         **({"model_source": source} if source else {})))
+    return rows
+
+
+def finish_rows(rows: list, ceil: dict):
+    """Speed-ups against eager and torch.compile of the same case, and roofline fractions."""
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["suite"], r["case"], r["mode"], r["dtype"], r["layout"], r["batch"]),
+                           []).append(r)
+    for group in by_case.values():
+        ref = {r["contestant"]: r["median_ms"] for r in group if r.get("median_ms")}
+        for r in group:
+            if not r.get("median_ms"):
+                continue
+            r["speedup_vs_eager"] = ref[EAGER] / r["median_ms"] if EAGER in ref else None
+            r["speedup_vs_compile"] = ref[COMPILE] / r["median_ms"] if COMPILE in ref else None
+            if r.get("bytes") is not None and r.get("flops") is not None:
+                r.update(harness.roofline(r["bytes"], r["flops"], r["median_ms"], ceil, r["dtype"]))
+
+
+def print_table(rows: list, out=sys.stdout):
+    cols = ("case", "mode", "contestant", "median ms", "p20-p80", "vs eager", "vs compile",
+            "GB/s", "TFLOP/s", "of roof", "peak MiB", "rel err")
+    lines = []
+    for r in rows:
+        if r.get("error"):
+            lines.append((r["case"][:58], r["mode"], "ERROR", r["error"][:60], "", "", "", "", "",
+                          "", "", ""))
+            continue
+        f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
+        lines.append((r["case"][:58], r["mode"], r["contestant"], f(r["median_ms"], ".3f"),
+                      f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", f(r.get("speedup_vs_eager"), ".2f"),
+                      f(r.get("speedup_vs_compile"), ".2f"), f(r.get("gbs"), ".0f"),
+                      f(r.get("tflops"), ".1f"), f(r.get("frac_of_roofline"), ".0%"),
+                      f(None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20, ".0f"),
+                      ("" if r.get("rel_err") is None else
+                       f"{r['rel_err']:.1e}" + (" !" if r.get("parity_ok") is False else ""))))
+    widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=out)
+    last = None
+    for l in lines:
+        key = (l[0], l[1])
+        if last is not None and key[0] != last[0]:
+            print("", file=out)
+        last = key
+        print("  ".join(v.ljust(w) for v, w in zip(l, widths)), file=out)
+
+
+CSV_FIELDS = ("suite", "case", "mode", "contestant", "backend", "dtype", "layout", "batch",
+              "image", "shapes", "median_ms", "p20_ms", "p80_ms", "repeats", "img_per_s",
+              "speedup_vs_eager", "speedup_vs_compile", "bytes", "bytes_eager", "flops", "gbs",
+              "tflops", "bound", "floor_ms", "frac_of_roofline", "peak_bytes", "rel_err",
+              "rel_err_fp64", "judged_rel_err", "parity_ok", "error") + TAGS
+
+
+def write_results(result: dict, out_dir: str) -> tuple:
+    env = result["env"]
+    os.makedirs(out_dir, exist_ok=True)
+    stem = "{}-{}-{}-{}".format(env["date"][:10], device_slug(env), result["settings"]["suite"],
+                                env["commit"])
+    jpath = os.path.join(out_dir, stem + ".json")
+    with open(jpath, "w") as f:
+        json.dump(result, f, indent=1)
+    cpath = os.path.join(out_dir, stem + ".csv")
+    with open(cpath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in result["rows"]:
+            w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                        for k, v in r.items()})
+    return jpath, cpath
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet34", "resnet50",
-                                                           "resnet101", "resnext50_32x4d",
-                                                           "wide_resnet50_2"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch", type=int, default=None, help="default: 4 on CPU, 256 on CUDA")
-    p.add_argument("--size", type=int, default=None, help="image side; default 160 on CPU, 224 on CUDA")
-    p.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
-    p.add_argument("--modes", default="eval,train", help="comma list of eval, train")
-    p.add_argument("--repeats", type=int, default=None, help="default: 15 on CPU, 50 on CUDA")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--compile", action="store_true", help="add torch.compile contestants")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="on CUDA: add the converted model's training step replayed from a CUDA graph")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "out"),
-                   help="folder for the JSON result file")
-    args = p.parse_args(argv)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batch = args.batch or (256 if on_gpu else 4)
-    size = args.size or (224 if on_gpu else 160)
-    repeats = args.repeats or (50 if on_gpu else 15)
-    dtype = getattr(torch, args.dtype)
-    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
-
-    torch.manual_seed(0)
-    plain, source = build_model(args.model)
-    randomize_bn(plain)
-    plain = plain.to(device=device, dtype=dtype, memory_format=fmt)
-    fused = copy.deepcopy(plain)
-    report = resfuse.convert(fused)
-    env = environment(device)
-    print(f"resfuse {env['resfuse']} ({env['commit']}) on {env['device']}, torch {env['torch']}, "
-          f"{env['threads']} threads")
-    print(f"{args.model} from {source}: {report.__str__().splitlines()[0]}; batch {batch}, "
-          f"{size}x{size}, {args.dtype}, {args.layout}")
-
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
-    target = torch.randint(0, 1000, (batch,), device=device)
-    par = parity(plain, fused, x, target)
-    print("parity: eval output rel diff {eval_output_rel_diff:.2e}; train loss {train_loss_eager:.6f} "
-          "vs {train_loss_resfuse:.6f}; max grad rel diff {train_grad_max_rel_diff:.2e}; "
-          "running stats rel diff {running_stats_max_rel_diff:.2e}".format(**par))
-
+    a = parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    names, skipped = contestants(a)
+    grid = [suites.Settings(a.device, dt, lay, b, a.image, names, a.repeats, a.warmup)
+            for dt in a.dtypes for lay in a.layouts for b in a.batches]
+    plan = [(s, c) for s in grid for c in suites.cases(a.suite, s)
+            if a.only is None or a.only in c.name]
+    if a.list:
+        for s, c in plan:
+            print(f"{c.suite:7} {c.mode:10} {s.dtype_name:9} {s.layout:13} batch {s.batch:4}  {c.name}")
+        print(f"{len(plan)} cases; contestants: {', '.join(names)}")
+        return 0
+    if not plan:
+        print("no case matches", file=sys.stderr)
+        return 2
+    if a.compile != "off":
+        _configure_compile()
+    env = harness.environment(a.device)
+    print(f"resfuse {env['resfuse']} @ {env['commit']} on {env['device']} ({env['device_type']}"
+          f"{', driver ' + env['driver'] if env['driver'] else ''}), torch {env['torch']}, "
+          f"triton {env['triton']}, CUDA {env['cuda']}, {env['threads']} threads")
+    print(f"suite {a.suite}: {len(plan)} cases x {len(names)} contestants "
+          f"({', '.join(names)})" + "".join(f"; skipped {k}: {v}" for k, v in skipped.items()))
+    t0 = time.monotonic()
+    ceil = harness.ceilings(a.device, a.dtypes)
+    print("ceilings (measured now): copy {:.1f} GB/s; {}".format(
+        ceil["copy_gbs"], "; ".join(f"{k} matmul {v:.2f}, 1x1 conv {ceil['conv1x1_tflops'][k]:.2f} TFLOP/s"
+                                    for k, v in ceil["matmul_tflops"].items())))
+    progress = harness.Progress(len(plan), enabled=not a.no_progress)
     rows = []
-    models = contestants(plain, fused, args.compile)
-    inputs = [x, x.flip(0).contiguous(memory_format=fmt)]  # rotate two batches
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        fns, counter = {}, [0]
-        for name, m in models.items():
-            if mode == "eval":
-                m.eval()
-
-                def f(m=m):
-                    counter[0] += 1
-                    with torch.no_grad():
-                        m(inputs[counter[0] % 2])
-            else:
-                m.train()
-                opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
-
-                def f(m=m, opt=opt):
-                    counter[0] += 1
-                    opt.zero_grad(set_to_none=True)
-                    nn.functional.cross_entropy(m(inputs[counter[0] % 2]), target).backward()
-                    opt.step()
-            fns[name] = f
-        if mode == "train" and args.cuda_graphs and on_gpu:
-            fns["resfuse+cuda-graph"] = graphed_train_step(copy.deepcopy(fused).train(), inputs,
-                                                           target, counter)
-        times = time_interleaved(fns, repeats, args.warmup, device)
-        base = statistics.median(times["eager"])
-        for name, ts in times.items():
-            s = summarize(ts, batch)
-            rows.append(dict(mode=mode, contestant=name, speedup_vs_eager=base / statistics.median(ts), **s))
-
-    print(f"\n{'mode':6} {'contestant':20} {'median ms':>10} {'p20':>9} {'p80':>9} {'img/s':>9} {'vs eager':>9}")
-    for r in rows:
-        print(f"{r['mode']:6} {r['contestant']:20} {r['median_ms']:10.1f} {r['p20_ms']:9.1f} "
-              f"{r['p80_ms']:9.1f} {r['img_per_s']:9.1f} {r['speedup_vs_eager']:8.3f}x")
-
-    result = dict(env=env, settings=dict(model=args.model, model_source=source, batch=batch,
-                                         size=size, dtype=args.dtype, layout=args.layout,
-                                         repeats=repeats, warmup=args.warmup,
-                                         compile=args.compile,
-                                         cuda_graphs=args.cuda_graphs and on_gpu),
-                  convert=dict(swapped=len(report.swapped), skipped=report.skipped),
-                  parity=par, rows=rows)
-    os.makedirs(args.out, exist_ok=True)
-    tag = "{}-{}-{}-{}".format(env["date"][:10], device.type, args.model, env["commit"])
-    path = os.path.join(args.out, f"{tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwrote {os.path.relpath(path, os.getcwd())}")
-    return 0
+    for s, case in plan:
+        progress.step(f"{case.suite} · {case.name} · {case.mode} · {s.dtype_name} {s.layout} "
+                      f"batch {s.batch}")
+        rows += run_case(case, s, ceil, env)
+    progress.close()
+    finish_rows(rows, ceil)
+    result = dict(schema=SCHEMA, env=env, ceilings=ceil,
+                  settings=dict(suite=a.suite, device=str(a.device), dtypes=[str(d)[6:] for d in a.dtypes],
+                                layouts=a.layouts, batches=a.batches, image=a.image,
+                                contestants=names, skipped_contestants=skipped,
+                                compile=a.compile, repeats=a.repeats, warmup=a.warmup,
+                                only=a.only,
+                                parity_floor={str(k)[6:]: v for k, v in suites.FLOOR.items()},
+                                model_parity_limit={str(k)[6:]: v
+                                                    for k, v in suites.MODEL_LIMIT.items()},
+                                seconds=round(time.monotonic() - t0, 1)),
+                  rows=rows)
+    print()
+    print_table(rows)
+    jpath, cpath = write_results(result, a.out)
+    print(f"\nwrote {os.path.relpath(jpath)} and {os.path.relpath(cpath)} "
+          f"({result['settings']['seconds']:.0f} s)")
+    if not a.no_plots:
+        import plots
+        made = plots.make_plots(result, a.out)
+        if made is None:
+            print("plots: matplotlib is not installed (pip install 'resfuse[plots]')")
+        for path in made or []:
+            print(f"wrote {os.path.relpath(path)}")
+    errors = [r for r in rows if r.get("error")]
+    flagged = [r for r in rows if r.get("parity_ok") is False]
+    for r in errors:
+        print(f"ERROR {r['case']} {r['mode']}: {r['error']}", file=sys.stderr)
+    for r in flagged:
+        why = (f"error against float64 eager {r['rel_err_fp64']:.2e}, more than twice eager's "
+               f"plus the floor" if r.get("rel_err_fp64") is not None else
+               f"relative error against eager {r['judged_rel_err']:.2e} above the limit")
+        print(f"PARITY {r['case']} {r['mode']} {r['contestant']}: {why}", file=sys.stderr)
+    return 1 if errors or flagged else 0
 
 
 if __name__ == "__main__":

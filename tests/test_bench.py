@@ -1,40 +1,321 @@
-"""The README's main job runs, writes a complete result file, and the report renders it."""
+"""The benchmark harness itself (bench/), on the CPU: byte and FLOP counts for known shapes,
+the timing and roofline helpers, the result files' schema, the quick suite end to end, the
+torch.compile contestants, the README report and the plots."""
+import csv
+import io
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+import torch
+import torch.nn as nn
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import counts  # noqa: E402
+import harness  # noqa: E402
+import report  # noqa: E402
+from counts import BlockShape, Chain, Conv  # noqa: E402
+
+from resfuse import models, reference  # noqa: E402
+
+RUN = os.path.join(ROOT, "bench", "run.py")
+TINY = ["--batch", "2", "--image", "32", "--repeats", "2", "--warmup", "0", "--device", "cpu",
+        "--no-progress", "--no-plots"]
 
 
-def test_bench_run_writes_results_and_report_renders(tmp_path):
-    out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--model", "resnet18",
-         "--batch", "2", "--size", "32", "--repeats", "2", "--warmup", "0", "--out", str(out),
-         # The harness on the CPU path everywhere: at batch 2 and 32x32 the last stage's BN sees
-         # 2 values per channel, and on a GPU its gradients are TF32 rounding noise (the CUDA
-         # backend's parity is tests/test_cuda_backend.py's).
-         "--device", "cpu"],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "parity:" in proc.stdout and "vs eager" in proc.stdout
-    (path,) = out.glob("*.json")
-    r = json.loads(path.read_text())
-    assert {"env", "settings", "convert", "parity", "rows"} <= set(r)
-    assert {"device", "torch", "commit", "date", "threads"} <= set(r["env"])
-    assert r["convert"]["swapped"] == 8 and not r["convert"]["skipped"]
-    assert r["parity"]["eval_output_rel_diff"] < 1e-4
-    assert r["parity"]["train_grad_max_rel_diff"] < 1e-4
-    assert {(row["mode"], row["contestant"]) for row in r["rows"]} == {
-        ("eval", "eager"), ("eval", "resfuse"), ("train", "eager"), ("train", "resfuse")}
+# -- counts ------------------------------------------------------------------------------------
+def test_design_roofline_figures():
+    """DESIGN.md section 6: a ResNet-50 stage-1 bottleneck training step at batch 256 in bf16
+    moves about 14.2 GB unfused and 8.3 GB fused; the stage-4 block is about 0.42 ms of
+    tensor-core time at 800 TFLOP/s."""
+    stage1 = BlockShape("resnet50", 1, 256, 64, 1, True, 56).chain(256, 2)
+    assert stage1.bytes("train_step", "eager") / 1e9 == pytest.approx(14.2, abs=0.05)
+    assert stage1.bytes("train_step") / 1e9 == pytest.approx(8.3, abs=0.05)
+    stage4 = BlockShape("resnet50", 4, 2048, 512, 1, True, 7).chain(256, 2)
+    assert stage4.flops("train_step") / 800e12 * 1e3 == pytest.approx(0.42, abs=0.005)
+
+
+def test_scale_bias_add_act_bytes_by_hand():
+    # 2x4x4x4 fp32: 128 elements, 512 bytes per tensor, a 16-byte ReLU mask.
+    c = Chain((), "external", 2, 4, 4, 4, 4)
+    assert c.bytes("train_fwd") == 512 + (3 * 512 + 16)  # stats read; z, r -> y, mask
+    assert c.bytes("train_bwd") == 2 * (3 * 512 + 16)  # g, mask, z -> g_r; g, mask, z -> g_z
+    assert c.bytes("eval") == 3 * 512
+    assert c.bytes("train_fwd", "eager") == (3 + 3 + 2) * 512  # bn (z read twice), add, relu
+    assert c.bytes("train_bwd", "eager") == (3 + 5) * 512  # relu backward, bn backward
+    assert c.flops("train_step") == 0
+
+
+def test_conv_shapes_and_flops():
+    conv = Conv(128, 128, 3, 2)
+    assert conv.out_hw(56, 56) == (28, 28)
+    assert Conv(64, 64, 3, dilation=2).out_hw(20, 20) == (20, 20)
+    assert conv.macs(2, 56, 56) == 2 * 28 * 28 * 128 * 128 * 9
+    assert Conv(64, 64, 3, groups=32).weight_numel() == 64 * 2 * 9
+    c = Chain((conv,), "none", 2, 128, 56, 56, 2)
+    fwd = 2 * conv.macs(2, 56, 56)
+    assert c.flops("eval") == c.flops("train_fwd") == fwd
+    assert c.flops("train_bwd") == 2 * fwd and c.flops("train_step") == 3 * fwd
+    assert Chain((conv,), "none", 2, 128, 56, 56, 2, input_grad=False).flops("train_bwd") == fwd
+
+
+@pytest.mark.parametrize("name,gmacs", [("resnet18", 1.814), ("resnet34", 3.664),
+                                        ("resnet50", 4.089), ("resnet101", 7.801)])
+def test_resnet_macs_published(name, gmacs):
+    """The published multiply-accumulate counts at 224x224 (torchvision's model card: 1.81,
+    3.66, 4.09, 7.80 GFLOPS counted as MACs)."""
+    assert counts.resnet_conv_macs(name) / 1e9 == pytest.approx(gmacs, abs=0.001)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_flops_match_torch_flop_counter(name):
+    """The counts from shapes agree with torch's own FLOP counter on the model itself."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = getattr(models, name)().eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.randn(1, 3, 96, 96))
+    assert fc.get_total_flops() == 2 * counts.resnet_conv_macs(name, 96)
+
+
+@pytest.mark.parametrize("block", [b for b, _ in counts.resnet_blocks("resnet50", 64)][:3] +
+                         [b for b, _ in counts.resnet_blocks("resnet18", 64)][1:2],
+                         ids=lambda b: b.name())
+def test_block_training_flops_match_flop_counter(block):
+    from torch.utils.flop_counter import FlopCounterMode
+    m = reference.ResidualBlock(block.inplanes, block.planes, block.stride,
+                                bottleneck=block.bottleneck)
+    x = torch.randn(2, block.inplanes, block.hw, block.hw, requires_grad=True)
+    chain = block.chain(2, 4)
+    with FlopCounterMode(display=False) as fc:
+        y = m(x)
+    assert fc.get_total_flops() == chain.flops("train_fwd")
+    with FlopCounterMode(display=False) as fc:
+        y.backward(torch.randn_like(y))
+    assert fc.get_total_flops() == chain.flops("train_bwd")
+    assert tuple(y.shape) == chain.out_shape()
+
+
+def test_resnet_blocks_cover_every_block():
+    assert sum(t for _, t in counts.resnet_blocks("resnet50")) == 16
+    assert sum(t for _, t in counts.resnet_blocks("resnet18")) == 8
+    assert len(counts.resnet_blocks("resnet50")) == 8 and len(counts.resnet_blocks("resnet18")) == 7
+    b = counts.resnet_blocks("resnet50")[2][0]
+    assert (b.inplanes, b.planes, b.stride, b.hw, b.projection) == (256, 128, 2, 56, True)
+
+
+def test_fused_never_moves_more_than_eager():
+    for model in ("resnet18", "resnet50"):
+        for b, _ in counts.resnet_blocks(model):
+            c = b.chain(8, 2)
+            for mode in counts.MODES:
+                assert 0 < c.bytes(mode) < c.bytes(mode, "eager"), (b.name(), mode)
+
+
+def test_counts_reject_bad_arguments():
+    c = Chain((), "none", 1, 1, 1, 1, 4)
+    with pytest.raises(ValueError, match="mode"):
+        c.bytes("training")
+    with pytest.raises(ValueError, match="schedule"):
+        c.bytes("eval", "cudnn")
+    with pytest.raises(ValueError, match="shortcut"):
+        Chain((), "skip", 1, 1, 1, 1, 4)
+    with pytest.raises(ValueError, match="projection"):
+        Chain((), "projection", 1, 1, 1, 1, 4)
+    with pytest.raises(ValueError, match="channels"):
+        Chain((Conv(3, 8),), "none", 1, 4, 1, 1, 4)
+
+
+# -- harness -----------------------------------------------------------------------------------
+def test_summarize_and_rotation():
+    s = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s["median_ms"] == 3.0 and s["p20_ms"] == pytest.approx(1.8) and s["p80_ms"] == pytest.approx(4.2)
+    assert harness.summarize([2.0]) == dict(median_ms=2.0, p20_ms=2.0, p80_ms=2.0, repeats=1)
+    with pytest.raises(ValueError):
+        harness.summarize([])
+    cpu = torch.device("cpu")
+    assert harness.rotation(1 << 40, cpu) == 2
+    assert harness.rotation(1, cpu) == 8
+    assert 2 <= harness.rotation(harness.cache_bytes(cpu) // 3, cpu) <= 8
+
+
+def test_roofline_picks_the_longer_floor():
+    ceil = dict(copy_gbs=1000.0, compute_tflops={"bfloat16": 100.0})
+    mem = harness.roofline(int(1e9), int(1e9), 2.0, ceil, "bfloat16")  # 1 ms of copy, 10 us of math
+    assert mem["bound"] == "memory" and mem["frac_of_roofline"] == pytest.approx(0.5)
+    assert mem["gbs"] == pytest.approx(500.0) and mem["floor_ms"] == pytest.approx(1.0)
+    cmp = harness.roofline(int(1e6), int(1e12), 20.0, ceil, "float16")  # falls back to the peak
+    assert cmp["bound"] == "compute" and cmp["frac_of_roofline"] == pytest.approx(0.5)
+
+
+def test_time_interleaved_counts_calls():
+    calls = {"a": 0, "b": 0}
+
+    def f(k):
+        def g():
+            calls[k] += 1
+        return g
+    t = harness.time_interleaved({"a": f("a"), "b": f("b")}, 4, 1, torch.device("cpu"))
+    assert calls == {"a": 5, "b": 5} and [len(v) for v in t.values()] == [4, 4]
+
+
+def test_progress_lines():
+    out = io.StringIO()
+    p = harness.Progress(3, stream=out)
+    for label in ("one", "two", "three"):
+        p.step(label)
+    lines = out.getvalue().splitlines()
+    assert [l.split(" ", 1)[0] for l in lines] == ["[1/3]", "[2/3]", "[3/3]"]
+    assert lines[0].endswith("· one") and "left" in lines[2]
+
+
+# -- the entry point ---------------------------------------------------------------------------
+def run_bench(*args, timeout=600):
+    return subprocess.run([sys.executable, RUN, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_quick_suite_end_to_end(tmp_path):
+    proc = run_bench("--suite", "quick", "--out", str(tmp_path), *TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (jpath,) = tmp_path.glob("*.json")
+    (cpath,) = tmp_path.glob("*.csv")
+    r = json.loads(jpath.read_text())
+    assert r["schema"] == "resfuse-bench/2"
+    assert {"device", "device_type", "driver", "torch", "triton", "cuda", "commit", "date",
+            "backends"} <= set(r["env"])
+    assert r["ceilings"]["copy_gbs"] > 0 and r["ceilings"]["compute_tflops"]["float32"] > 0
+    assert r["settings"]["contestants"] == ["eager", "resfuse[auto]"]
+    suites = {row["suite"] for row in r["rows"]}
+    assert suites == {"ops", "blocks", "models"}
+    modes = {(row["suite"], row["mode"]) for row in r["rows"]}
+    assert {("ops", m) for m in ("eval", "train_fwd", "train_bwd", "train_step")} <= modes
+    assert {("blocks", "train_step"), ("blocks", "eval"), ("models", "train_step"),
+            ("models", "eval")} <= modes
     for row in r["rows"]:
+        assert not row.get("error"), row
+        for tag in ("device", "driver", "torch", "triton", "cuda", "commit", "date", "dtype",
+                    "layout", "shapes", "batch"):
+            assert tag in row, tag
+        assert row["dtype"] == "float32" and row["layout"] == "channels_last"
         assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"] and row["img_per_s"] > 0
+        assert row["bytes"] > 0 and row["flops"] >= 0 and row["bound"] in ("memory", "compute")
+        assert row["gbs"] == pytest.approx(row["bytes"] / row["median_ms"] / 1e6)
+        if row["contestant"] == "eager":
+            assert row["speedup_vs_eager"] == 1.0 and row["parity_ok"] is None
+        else:
+            assert row["parity_ok"] is True and row["rel_err"] < 1e-4, row
+        if row["suite"] != "models":
+            assert row["rel_err_fp64"] < 1e-2
+    # The CSV has the same rows, tagged the same way.
+    with open(cpath, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(r["rows"])
+    assert {"device", "commit", "dtype", "layout", "shapes", "median_ms", "frac_of_roofline"} <= set(table[0])
+    assert json.loads(table[0]["shapes"]) == r["rows"][0]["shapes"]
+    assert "vs eager" in proc.stdout and "ceilings" in proc.stdout
 
+    # The README section renders from it.
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- results:start -->\nold\n<!-- results:end -->\ny\n")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--results",
-                           str(out), "--readme", str(readme)], capture_output=True, text=True)
+                           str(tmp_path), "--readme", str(readme)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
-    assert "old" not in text and "| training step | resfuse |" in text and text.endswith("y\n")
+    assert "old" not in text and text.endswith("y\n")
+    assert "CPU: ResNet-50 eval ≥ 1.2× eager" in text and "| resnet50 | training step | eager |" in text
+
+
+def test_compile_contestants_every_op_mode(tmp_path):
+    """torch.compile (default and max-autotune) as contestants, backward alone included."""
+    proc = run_bench("--suite", "ops", "--only", "scale-bias-add-relu 256", "--compile", "both",
+                     "--out", str(tmp_path), *TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(next(tmp_path.glob("*.json")).read_text())
+    got = {(row["mode"], row["contestant"]) for row in r["rows"]}
+    assert got == {(m, c) for m in ("eval", "train_fwd", "train_bwd")
+                   for c in ("eager", "torch.compile", "torch.compile(max-autotune)", "resfuse[auto]")}
+    for row in r["rows"]:
+        assert row["speedup_vs_compile"] > 0 and (row["parity_ok"] in (True, None)), row
+
+
+def test_list_and_bad_arguments():
+    proc = run_bench("--suite", "all", "--list", "--device", "cpu")
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 2 + 2 * 2} cases")
+    assert sum("blocks " in l for l in lines) == 30 and sum("models " in l for l in lines) == 4
+    for bad in (["--dtype", "float8"], ["--layout", "nhwc"], ["--batch", "0"], ["--suite", "x"]):
+        proc = run_bench(*bad, "--list", "--device", "cpu")
+        assert proc.returncode == 2 and "error" in proc.stderr, bad
+    proc = run_bench("--backends", "cuda", "--list", "--device", "cpu")
+    assert "resfuse[cuda]" not in proc.stdout.splitlines()[-1]
+
+
+# -- report and plots --------------------------------------------------------------------------
+def _gpu_run(speedups: dict) -> dict:
+    """A made-up GPU result (not a measurement) to check the target table's logic."""
+    env = dict(date="2026-01-01T00:00:00+00:00", device="GPU X100", device_type="cuda",
+               driver="1", torch="t", triton="t", cuda="13", commit="abc", resfuse="0",
+               threads=1)
+    rows = []
+
+    def row(suite, case, mode, contestant, ms, **kw):
+        rows.append(dict(suite=suite, case=case, mode=mode, contestant=contestant, median_ms=ms,
+                         p20_ms=ms, p80_ms=ms, img_per_s=256 / ms * 1e3, dtype="bfloat16",
+                         layout="channels_last", batch=256, shapes=dict(x=[256, 256, 56, 56]),
+                         peak_bytes=kw.pop("peak", None), **kw))
+    for mode, gbs in (("train_fwd", 2600.0), ("train_bwd", 2000.0)):
+        row("ops", "scale-bias-add-relu 256 @56", mode, "resfuse[auto]", 1.0, gbs=gbs)
+    row("blocks", "resnet50 layer1 bottleneck 256->64->256 @56 (identity)", "train_step",
+        "resfuse[auto]", 1.0, speedup_vs_eager=speedups["block"], speedup_vs_compile=1.3)
+    row("models", "resnet50", "train_step", "eager", 40.0, peak=100)
+    row("models", "resnet50", "train_step", "resfuse[auto]", 30.0, peak=70,
+        speedup_vs_eager=1.33, speedup_vs_compile=1.1)
+    row("models", "resnet50", "eval", "resfuse[auto]", 10.0, speedup_vs_eager=1.6,
+        speedup_vs_compile=0.9)
+    return dict(schema="resfuse-bench/2", env=env, ceilings=dict(copy_gbs=3000.0,
+                compute_tflops={"bfloat16": 800.0}), rows=rows, _file="bench/results/x.json",
+                settings=dict(suite="all", dtypes=["bfloat16"], layouts=["channels_last"],
+                              batches=[256], image=224, repeats=30,
+                              contestants=["eager", "resfuse[auto]"]))
+
+
+def test_targets_table():
+    got = {t: (m, ok) for t, m, ok in report.targets(_gpu_run({"block": 1.6}))}
+    assert got["scale-bias-add-act forward ≥ 85 % of copy bandwidth"] == ("87%", "yes")
+    assert got["scale-bias-add-act backward ≥ 85 % of copy bandwidth"] == ("67%", "no")
+    assert got["bottleneck training step ≥ 1.5× eager"] == ("1.60×", "yes")
+    assert got["bottleneck training step ≥ 1.25× torch.compile"] == ("1.30×", "yes")
+    assert got["ResNet-50 training step ≥ 1.4× eager"] == ("1.33×", "no")
+    assert got["ResNet-50 eval ≥ torch.compile"] == ("0.90×", "no")
+    assert got["peak training memory ≤ 0.75× eager"] == ("0.70×", "yes")
+    text = "\n".join(report.render_suite(_gpu_run({"block": 1.2})))
+    assert "| bottleneck training step ≥ 1.5× eager | 1.20× | no |" in text
+
+
+def test_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plots
+    run = _gpu_run({"block": 1.6})
+    for r in run["rows"]:
+        r.update(bytes=int(1e9), flops=int(1e12))
+    made = plots.make_plots(run, str(tmp_path), stem="x")
+    assert sorted(os.path.basename(p) for p in made) == ["x-roofline.png", "x-speedup.png"]
+    for p in made:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_committed_results_render():
+    """Every committed result file renders (the README is generated from them)."""
+    text = report.render(report.load(os.path.join(ROOT, "bench", "results")))
+    assert text and "Traceback" not in text
+    start, end = report.START, report.END
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert readme.split(start, 1)[1].split(end, 1)[0].strip() == text.strip(), \
+        "README.md's results section is stale: run python bench/report.py"

@@ -1,0 +1,615 @@
+"""What bench/ measures: the cases of each suite and their contestants.
+
+A case is one thing measured in one mode (a conv-bn-act shape in training forward, a ResNet-50
+block's training step, ResNet-18 in eval, ...) with its shapes and its byte and FLOP counts
+(`counts.py`). `Case.build(settings)` makes its inputs and one zero-argument callable per
+contestant, and checks each contestant against eager on the same inputs before anything is
+timed: `rel_err` is the norm-wise relative error against eager in the run's dtype, the largest
+over outputs, running statistics and gradients; `rel_err_fp64` the same against eager in
+float64, judged by STYLE.md's rule (at most twice eager's own error plus a floor) for ops and
+blocks; models are judged on the eval output or training loss against eager.
+
+Contestants, all from the same run:
+- `eager`: the unfused chain — `resfuse.reference` (the project's oracle) for ops and blocks,
+  torchvision's model (or `resfuse.models`' torchvision-compatible one) for models;
+- `torch.compile` and `torch.compile(max-autotune)`: eager under torch.compile;
+- `resfuse[<backend>]`: resfuse with that backend forced (`auto`: resfuse's own choice);
+- models only: `resfuse[auto]+compile` (the converted model under torch.compile) and, on a GPU,
+  `resfuse[auto]+cuda-graph` (the converted training step replayed from one CUDA graph).
+
+Suites: `ops` (conv-bn-act on ResNet-50's conv shapes in eval, training forward and training
+forward + backward; scale-bias-add-act forward, backward and eval at each stage's output shape),
+`blocks` (every distinct block of ResNet-18 and ResNet-50: training step and eval), `models`
+(converted ResNet-18 and ResNet-50: training step — forward, backward, SGD step — and eval),
+`quick` (a few of each: the default, under two minutes on a CPU), `all`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+import resfuse
+import resfuse.functional as RF
+from resfuse import reference
+
+import counts
+from counts import BlockShape, Chain, Conv
+
+SUITES = ("quick", "ops", "blocks", "models", "all")
+EAGER, COMPILE, AUTOTUNE = "eager", "torch.compile", "torch.compile(max-autotune)"
+MODELS = ("resnet18", "resnet50")
+# Models: the largest relative error of the eval output or the training loss against eager in
+# the same dtype (fp32 on a GPU convolves in TF32).
+MODEL_LIMIT = {torch.float64: 1e-10, torch.float32: 2e-3, torch.float16: 2e-2,
+               torch.bfloat16: 5e-2}
+
+
+@dataclasses.dataclass
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    layout: str  # "channels_last" or "nchw"
+    batch: int
+    image: int
+    contestants: List[str]
+    repeats: int
+    warmup: int
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.layout == "channels_last" else torch.contiguous_format
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def randn(self, *shape, rank4: bool = True) -> torch.Tensor:
+        t = torch.randn(*shape, device=self.device, dtype=self.dtype)
+        return t.contiguous(memory_format=self.memory_format) if rank4 else t
+
+
+@dataclasses.dataclass
+class Built:
+    fns: Dict[str, Callable[[], object]]
+    checks: Dict[str, dict]  # per contestant: rel_err, rel_err_fp64, parity_ok (see judge)
+    source: Optional[str] = None  # models: where the model definition came from
+
+
+@dataclasses.dataclass
+class Case:
+    suite: str
+    name: str
+    mode: str  # counts.MODES
+    shapes: Dict[str, list]
+    images: int  # images per call, for img/s
+    build: Callable[[Settings], Built]
+    chain: Optional[Chain] = None
+    flops: Optional[int] = None
+    nbytes: Optional[int] = None
+    nbytes_eager: Optional[int] = None
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (2-norms, in float64). Norm-wise rather than elementwise: where a
+    ReLU's input is within rounding of 0, two correct computations may take different sides,
+    and that one element's gradient (and what a conv spreads it to) then differs by its whole
+    size. (Observed: fp32 eager against fp64 eager, ResNet-50 bottleneck on the CPU.)"""
+    b64 = b.detach().double()
+    return ((a.detach().double() - b64).norm() / b64.norm().clamp_min(1e-300)).item()
+
+
+def max_rel_err(got, want) -> float:
+    """The largest `rel_err` over outputs (and running statistics and gradients)."""
+    got = got if isinstance(got, (list, tuple)) else [got]
+    want = want if isinstance(want, (list, tuple)) else [want]
+    return max(rel_err(g, w) for g, w in zip(got, want) if w is not None)
+
+
+# The tolerance rule of ../shared/STYLE.md: a contestant's error against the float64 eager
+# result may be at most twice eager's own error in the run's dtype, plus this floor.
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def judge(results: Dict[str, list], oracle: list, dtype: torch.dtype) -> Dict[str, dict]:
+    """{contestant: {rel_err (against eager in the run's dtype), rel_err_fp64 (against the
+    float64 eager result), parity_ok}} from each contestant's outputs on the same inputs."""
+    eager = results[EAGER]
+    base = max_rel_err(eager, oracle)
+    out = {}
+    for name, got in results.items():
+        e64 = max_rel_err(got, oracle)
+        out[name] = dict(rel_err=None if name == EAGER else max_rel_err(got, eager),
+                         rel_err_fp64=e64,
+                         parity_ok=None if name == EAGER else bool(e64 <= 2 * base + FLOOR[dtype]))
+    return out
+
+
+def resfuse_backend(name: str) -> Optional[str]:
+    """'resfuse[cuda]' -> 'cuda'; None for a contestant that is not resfuse's."""
+    if name.startswith("resfuse[") and "]" in name:
+        return name[len("resfuse["):name.index("]")]
+    return None
+
+
+def own_contestants(s: Settings) -> List[str]:
+    """The contestants of an op or block case: the models suite's "+compile" and
+    "+cuda-graph" variants are whole-model ones."""
+    return [c for c in s.contestants if "+" not in c]
+
+
+def compile_mode(name: str) -> Optional[str]:
+    return {COMPILE: "default", AUTOTUNE: "max-autotune"}.get(name)
+
+
+def compiled(fn, mode: str):
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def stage_sides(image: int) -> List[int]:
+    """Feature-map side at each ResNet stage for an image side (stem /4, then /2 per stage)."""
+    hw = [-(-image // 4)]
+    for _ in range(3):
+        hw.append((hw[-1] - 1) // 2 + 1)
+    return hw
+
+
+def _bn_state(s: Settings, c: int):
+    g = torch.Generator().manual_seed(c)
+    w = (torch.rand(c, generator=g) * 0.5 + 0.75).to(s.device, s.dtype)
+    b = (torch.randn(c, generator=g) * 0.1).to(s.device, s.dtype)
+    rm = (torch.randn(c, generator=g) * 0.1).to(s.device, s.dtype)
+    rv = (torch.rand(c, generator=g) * 0.5 + 0.75).to(s.device, s.dtype)
+    return w, b, rm, rv
+
+
+def _grad_fn(out_fn: Callable, inputs: Callable, gy: torch.Tensor):
+    def step(i):
+        y = out_fn(i)
+        return torch.autograd.grad(y, inputs(i), gy)
+    return step
+
+
+# -- ops -----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ConvOp:
+    label: str
+    conv: Conv
+    stage: int  # its input's ResNet-50 stage (feature-map side)
+    residual: bool
+
+
+def conv_ops() -> List[ConvOp]:
+    """ResNet-50 convolutions (each with its BN and ReLU): every kind of layer it has."""
+    return [ConvOp("layer1 conv1", Conv(256, 64, 1), 0, False),
+            ConvOp("layer1 conv2", Conv(64, 64, 3), 0, False),
+            ConvOp("layer1 conv3 + residual", Conv(64, 256, 1), 0, True),
+            ConvOp("layer2.0 conv2 (stride 2)", Conv(128, 128, 3, 2), 0, False),
+            ConvOp("layer3 conv2", Conv(256, 256, 3), 2, False),
+            ConvOp("layer4 conv3 + residual", Conv(512, 2048, 1), 3, True)]
+
+
+def conv_op_case(op: ConvOp, mode: str, s: Settings) -> Case:
+    n, hw = s.batch, stage_sides(s.image)[op.stage]
+    conv = op.conv
+    chain = Chain((conv,), "external" if op.residual else "none", n, conv.cin, hw, hw,
+                  s.dtype.itemsize)
+    out = chain.out_shape()
+
+    def build(s: Settings) -> Built:
+        w = (s.randn(conv.cout, conv.cin // conv.groups, conv.k, conv.k) * (conv.cin * conv.k**2) ** -0.5)
+        bn_w, bn_b, rm0, rv0 = _bn_state(s, conv.cout)
+        train = mode != "eval"
+        copies = _rotate(s, chain)
+        xs = [s.randn(n, conv.cin, hw, hw) for _ in range(copies)]
+        rs = [s.randn(*out) if op.residual else None for _ in range(copies)]
+        gys = [s.randn(*out) for _ in range(copies)]
+        kw = dict(stride=conv.stride, padding=conv.pad, dilation=conv.dilation, groups=conv.groups)
+
+        def eager(x, rm, rv, r, p):
+            return reference.conv_bn_act(x, p[0], None, p[1], p[2], rm, rv, training=train,
+                                         residual=r, **kw)
+
+        def impl(name):
+            be = resfuse_backend(name)
+            if be is not None:
+                be = None if be == "auto" else be
+                return lambda x, rm, rv, r, p: RF.conv_bn_act(x, p[0], None, p[1], p[2], rm, rv,
+                                                               training=train, residual=r,
+                                                               backend=be, **kw)
+            return eager if name == EAGER else compiled(eager, compile_mode(name))
+
+        return _op_built(s, mode, impl, eager, [w, bn_w, bn_b], xs, rs, gys, rm0, rv0)
+
+    return Case("ops", f"conv-bn-act {op.label}: {conv.describe()} @{hw}", mode,
+                dict(x=[n, conv.cin, hw, hw], weight=[conv.cout, conv.cin // conv.groups, conv.k,
+                                                       conv.k], y=list(out),
+                     stride=conv.stride, residual=op.residual),
+                n, build, chain)
+
+
+def bn_act_case(stage: int, mode: str, s: Settings) -> Case:
+    c = (256, 512, 1024, 2048)[stage]
+    n, hw = s.batch, stage_sides(s.image)[stage]
+    chain = Chain((), "external", n, c, hw, hw, s.dtype.itemsize)
+
+    def build(s: Settings) -> Built:
+        bn_w, bn_b, rm0, rv0 = _bn_state(s, c)
+        train = mode != "eval"
+        copies = _rotate(s, chain)
+        xs = [s.randn(n, c, hw, hw) for _ in range(copies)]
+        rs = [s.randn(n, c, hw, hw) for _ in range(copies)]
+        gys = [s.randn(n, c, hw, hw) for _ in range(copies)]
+
+        def eager(x, rm, rv, r, p):
+            return reference.conv_bn_act(x, None, None, p[0], p[1], rm, rv, training=train,
+                                         residual=r)
+
+        def impl(name):
+            be = resfuse_backend(name)
+            if be is not None:
+                be = None if be == "auto" else be
+                return lambda x, rm, rv, r, p: RF.bn_act(x, p[0], p[1], rm, rv, training=train,
+                                                         residual=r, backend=be)
+            return eager if name == EAGER else compiled(eager, compile_mode(name))
+
+        return _op_built(s, mode, impl, eager, [bn_w, bn_b], xs, rs, gys, rm0, rv0)
+
+    return Case("ops", f"scale-bias-add-relu {c} @{hw}", mode,
+                dict(x=[n, c, hw, hw], residual=[n, c, hw, hw]), n, build, chain)
+
+
+def _rotate(s: Settings, chain: Chain) -> int:
+    from harness import rotation
+    t = chain.tensor_bytes()
+    per_call = t["x"] + t["y"] + (t["r"] if chain.shortcut == "external" else 0)
+    return rotation(per_call, s.device)
+
+
+def _op_built(s: Settings, mode: str, impl, eager, params, xs, rs, gys, rm0, rv0) -> Built:
+    """Contestants' callables of an op case, and their check on copy 0 of the inputs against
+    eager and against eager in float64. `impl(name)` and `eager` take (x, running_mean,
+    running_var, residual, params)."""
+    k, counter = len(xs), [0]
+    train = mode != "eval"
+    if train:
+        for t in params + xs + [r for r in rs if r is not None]:
+            t.requires_grad_(True)
+
+    def wrt(i, p):
+        return [xs[i], *p] + ([rs[i]] if rs[i] is not None else [])
+
+    def make(f) -> Callable[[], object]:
+        rm, rv = rm0.clone(), rv0.clone()  # each contestant updates its own running stats
+        if mode == "eval":
+            def run():
+                counter[0] += 1
+                i = counter[0] % k
+                with torch.no_grad():
+                    return f(xs[i], rm, rv, rs[i], params)
+        elif mode == "train_fwd":
+            def run():
+                counter[0] += 1
+                i = counter[0] % k
+                return f(xs[i], rm, rv, rs[i], params)
+        elif mode == "train_step":
+            def run():
+                counter[0] += 1
+                i = counter[0] % k
+                return torch.autograd.grad(f(xs[i], rm, rv, rs[i], params), wrt(i, params), gys[i])
+        else:  # train_bwd: backward alone, through k graphs kept from k forwards
+            ys = [f(xs[i], rm, rv, rs[i], params) for i in range(k)]
+
+            def run():
+                counter[0] += 1
+                i = counter[0] % k
+                return torch.autograd.grad(ys[i], wrt(i, params), gys[i], retain_graph=True)
+        return run
+
+    def check(f, x, r, gy, rm, rv, p):
+        inputs = [x, *p] + ([r] if r is not None else [])
+        if mode == "eval":
+            with torch.no_grad():
+                return [f(x, rm, rv, r, p)]
+        y = f(x, rm, rv, r, p)
+        if mode == "train_fwd":
+            return [y, rm, rv]
+        return [y, rm, rv, *torch.autograd.grad(y, inputs, gy)]
+
+    def f64(t):
+        return None if t is None else t.detach().double().requires_grad_(train)
+    oracle = check(eager, f64(xs[0]), f64(rs[0]), gys[0].double(), rm0.double(), rv0.double(),
+                   [f64(p) for p in params])
+    results, fns = {}, {}
+    for name in own_contestants(s):
+        f = impl(name)
+        results[name] = check(f, xs[0], rs[0], gys[0], rm0.clone(), rv0.clone(), params)
+        fns[name] = make(f)
+    return Built(fns, judge(results, oracle, s.dtype))
+
+
+def ops_cases(s: Settings, quick: bool = False) -> List[Case]:
+    out = []
+    ops = conv_ops()
+    if quick:
+        ops = [ops[1], ops[2]]
+    for op in ops:
+        for mode in ("eval", "train_fwd", "train_step"):
+            out.append(conv_op_case(op, mode, s))
+    for stage in ((0,) if quick else range(4)):
+        for mode in ("eval", "train_fwd", "train_bwd"):
+            out.append(bn_act_case(stage, mode, s))
+    return out
+
+
+# -- blocks --------------------------------------------------------------------------------------
+def _randomize_bn(model: nn.Module, seed: int = 0):
+    """Running statistics and affine parameters away from their (1, 0) init, so that folding
+    and normalisation are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
+
+
+def _converted(model: nn.Module, backend: str) -> nn.Module:
+    fused = copy.deepcopy(model)
+    holder = nn.Sequential(fused)  # convert swaps children: a lone block needs a parent
+    report = resfuse.convert(holder, backend=None if backend == "auto" else backend)
+    if not report.swapped:
+        raise RuntimeError(f"resfuse.convert fused nothing: {report}")
+    return holder
+
+
+def block_case(block: BlockShape, mode: str, s: Settings) -> Case:
+    """`block` with its input side at the run's image size (`counts.resnet_blocks(model, image)`)."""
+    chain = block.chain(s.batch, s.dtype.itemsize)
+    n, out = s.batch, chain.out_shape()
+
+    def build(s: Settings) -> Built:
+        torch.manual_seed(0)
+        plain = reference.ResidualBlock(block.inplanes, block.planes, block.stride,
+                                        bottleneck=block.bottleneck)
+        _randomize_bn(plain)
+        plain = plain.to(s.device, s.dtype).to(memory_format=s.memory_format)
+        train = mode != "eval"
+        copies = _rotate(s, chain)
+        xs = [s.randn(n, block.inplanes, block.hw, block.hw).requires_grad_(train)
+              for _ in range(copies)]
+        gys = [s.randn(*out) for _ in range(copies)]
+        models = {}
+        for name in own_contestants(s):
+            be = resfuse_backend(name)
+            if name == EAGER:
+                m = plain
+            elif be is not None:
+                m = _converted(plain, be)
+            else:
+                m = compiled(copy.deepcopy(plain), compile_mode(name))
+            models[name] = m.train(train)
+        return _module_built(s, mode, models, plain, xs, gys)
+
+    return Case("blocks", block.name(), mode,
+                dict(x=[n, block.inplanes, block.hw, block.hw], y=list(out)), n, build, chain)
+
+
+def _module_built(s: Settings, mode: str, models: Dict[str, nn.Module], plain: nn.Module,
+                  xs, gys) -> Built:
+    """Contestants' callables of a block case, and their check on copy 0 of the inputs against
+    eager and against eager in float64 (`plain` in float64)."""
+    k, counter = len(xs), [0]
+
+    def make(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        if mode == "eval":
+            def run():
+                counter[0] += 1
+                with torch.no_grad():
+                    return m(xs[counter[0] % k])
+        else:
+            def run():
+                counter[0] += 1
+                i = counter[0] % k
+                return torch.autograd.grad(m(xs[i]), [xs[i]] + params, gys[i])
+        return run
+
+    def check(m, x, gy):
+        state = copy.deepcopy(m.state_dict())
+        try:
+            if mode == "eval":
+                with torch.no_grad():
+                    return [m(x)]
+            y = m(x)
+            params = [p for p in m.parameters() if p.requires_grad]
+            return [y, *torch.autograd.grad(y, [x] + params, gy)]
+        finally:
+            m.load_state_dict(state)  # the running statistics as they were
+
+    m64 = copy.deepcopy(plain).double()
+    oracle = check(m64, xs[0].detach().double().requires_grad_(mode != "eval"), gys[0].double())
+    del m64
+    results, fns = {}, {}
+    for name, m in models.items():
+        results[name] = check(m, xs[0], gys[0])
+        fns[name] = make(m)
+    return Built(fns, judge(results, oracle, s.dtype))
+
+
+def blocks_cases(s: Settings, quick: bool = False) -> List[Case]:
+    out = []
+    for model in ("resnet18", "resnet50"):
+        blocks = [b for b, _ in counts.resnet_blocks(model, s.image)]
+        if quick:
+            blocks = [blocks[2]] if model == "resnet18" else [blocks[1]]
+        for b in blocks:
+            for mode in ("train_step", "eval"):
+                out.append(block_case(b, mode, s))
+    return out
+
+
+# -- models --------------------------------------------------------------------------------------
+def build_model(name: str, num_classes: int = 1000) -> Tuple[nn.Module, str]:
+    try:
+        import torchvision
+        return getattr(torchvision.models, name)(num_classes=num_classes), "torchvision"
+    except Exception:  # noqa: BLE001 - torchvision missing or built for another torch
+        from resfuse import models
+        return getattr(models, name)(num_classes=num_classes), "resfuse.models"
+
+
+def graphed_train_step(model: nn.Module, inputs: list, target: torch.Tensor):
+    """The training step (forward, backward, SGD step) of `model` captured in one CUDA graph,
+    after warm-up steps on a side stream; each call copies the next input into the captured
+    input buffer and replays the graph."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    static_x = inputs[0].clone()
+
+    def step():
+        nn.functional.cross_entropy(model(static_x), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    counter = [0]
+
+    def replay():
+        counter[0] += 1
+        static_x.copy_(inputs[counter[0] % len(inputs)])
+        graph.replay()
+    return replay
+
+
+def model_case(model_name: str, mode: str, s: Settings) -> Case:
+    n = s.batch
+    macs = counts.resnet_conv_macs(model_name, s.image)
+    flops = 2 * macs * n * (3 if mode == "train_step" else 1)  # (the stem's dgrad: not needed)
+    nbytes = sum(t * b.chain(n, s.dtype.itemsize).bytes(mode)
+                 for b, t in counts.resnet_blocks(model_name, s.image))
+    nbytes_eager = sum(t * b.chain(n, s.dtype.itemsize).bytes(mode, "eager")
+                       for b, t in counts.resnet_blocks(model_name, s.image))
+
+    def build(s: Settings) -> Built:
+        torch.manual_seed(0)
+        plain, source = build_model(model_name)
+        _randomize_bn(plain)
+        plain = plain.to(s.device, s.dtype).to(memory_format=s.memory_format)
+        xs = [s.randn(n, 3, s.image, s.image) for _ in range(2)]
+        target = torch.randint(0, 1000, (n,), device=s.device)
+        train = mode == "train_step"
+        models, extra = {}, {}
+        for name in s.contestants:
+            be = resfuse_backend(name)
+            if name == EAGER:
+                m = plain
+            elif name.endswith("+compile"):
+                m = compiled(_converted(plain, be), "default")
+            elif name.endswith("+cuda-graph"):
+                if not train or s.device.type != "cuda":
+                    continue
+                extra[name] = _converted(plain, be).train()
+                continue
+            elif be is not None:
+                m = _converted(plain, be)
+            else:
+                m = compiled(copy.deepcopy(plain), compile_mode(name))
+            models[name] = m.train(train)
+        counter = [0]
+
+        def make(m):
+            if not train:
+                def run():
+                    counter[0] += 1
+                    with torch.no_grad():
+                        return m(xs[counter[0] % 2])
+                return run
+            opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
+
+            def run():
+                counter[0] += 1
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(m(xs[counter[0] % 2]), target).backward()
+                opt.step()
+            return run
+
+        def check(m):
+            state = copy.deepcopy(m.state_dict())
+            try:
+                if not train:
+                    with torch.no_grad():
+                        return [m(xs[0])]
+                m.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(m(xs[0]), target)
+                loss.backward()
+                grads = [p.grad for p in m.parameters()]
+                m.zero_grad(set_to_none=True)
+                return [loss.detach()] + grads
+            finally:
+                m.load_state_dict(state)
+
+        # Whole-model checks against eager in the run's dtype (a float64 ResNet-50 at the
+        # timed batch does not fit beside the contestants on a GPU). Judged: the eval output,
+        # or the training loss. The training gradients' error is recorded, not judged: over 16
+        # blocks, ReLUs whose inputs are within rounding of 0 decide differently in two
+        # correct computations (fp32 torch.compile against fp32 eager: a few percent, norm-wise,
+        # on the CPU at batch 8), which the ops and blocks checks above judge one block at a
+        # time against float64.
+        results, fns = {}, {}
+        for name, m in models.items():
+            results[name] = check(m)
+            fns[name] = make(m)
+        limit = MODEL_LIMIT[s.dtype]
+        checks = {}
+        for name, got in results.items():
+            if name == EAGER:
+                checks[name] = dict(rel_err=None, parity_ok=None)
+                continue
+            judged = rel_err(got[0], results[EAGER][0])
+            checks[name] = dict(rel_err=max_rel_err(got, results[EAGER]), judged_rel_err=judged,
+                                parity_ok=bool(judged <= limit))
+        for name, m in extra.items():
+            # The same converted model as resfuse[...]'s, checked there.
+            checks[name] = dict(rel_err=None, parity_ok=None)
+            fns[name] = graphed_train_step(m, xs, target)
+        return Built(fns, checks, source)
+
+    return Case("models", model_name, mode, dict(x=[n, 3, s.image, s.image]), n, build, None,
+                flops=flops, nbytes=nbytes, nbytes_eager=nbytes_eager)
+
+
+def models_cases(s: Settings, quick: bool = False) -> List[Case]:
+    return [model_case(m, mode, s) for m in (("resnet50",) if quick else MODELS)
+            for mode in ("train_step", "eval")]
+
+
+def cases(suite: str, s: Settings) -> List[Case]:
+    if suite not in SUITES:
+        raise ValueError(f"suite: one of {SUITES}, got {suite!r}")
+    quick = suite == "quick"
+    out = []
+    if suite in ("quick", "ops", "all"):
+        out += ops_cases(s, quick)
+    if suite in ("quick", "blocks", "all"):
+        out += blocks_cases(s, quick)
+    if suite in ("quick", "models", "all"):
+        out += models_cases(s, quick)
+    for c in out:
+        if c.chain is not None:
+            c.flops = c.chain.flops(c.mode)
+            c.nbytes = c.chain.bytes(c.mode)
+            c.nbytes_eager = c.chain.bytes(c.mode, "eager")
+    return out
