@@ -2,7 +2,7 @@
 # The project's commands, each doing its own set-up on a fresh machine:
 #   ./run.sh setup                          installation only (idempotent; quick when done)
 #   ./run.sh test  [pytest args]            the test suite (default: tests/)
-#   ./run.sh bench [bench/run.py options]   converted ResNet-50 vs eager: parity + timing table
+#   ./run.sh bench [bench/run.py options]   the benchmark suite (default: quick) vs eager and torch.compile
 # PYTHON=... picks the interpreter (default python3). On a machine whose torch is a CUDA build
 # (and has a CUDA toolkit) setup also builds the CUDA extension resfuse._C, MAX_JOBS defaulting
 # to the number of cores.

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine does in one call (GPU.md): build resfuse with the CUDA
-# extension, run the test suite (the GPU tests included), compute-sanitizer on a small case, and
-# the CUDA-backend benchmarks. Logs and result files go to $OUT (default bench/out/gpu).
-#   bash bench/gpu_check.sh [build] [tests] [sanitizer] [bench]     (default: all four)
+# Everything a lent GPU machine does (GPU.md): build resfuse with the CUDA extension, run the
+# test suite (the GPU tests included), compute-sanitizer on a small case, the benchmark suite,
+# and the CUDA kernels' drill-down. Logs and result files go to $OUT (default bench/out/gpu).
+#   bash bench/gpu_check.sh [build] [tests] [sanitizer] [bench] [kernels]
+# (default: build tests sanitizer bench). One device call is limited to 10 minutes: run
+# "build tests sanitizer" in one call and "build bench" in the next (the build is ~1 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -48,13 +50,21 @@ if has sanitizer; then
 fi
 
 if has bench; then
-    echo "== bench"
-    timeout ${BENCH_TIMEOUT:-400} $PY bench/cuda_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
-    # Converted ResNet-50 training step: eager, resfuse, both under torch.compile, and the
-    # converted step replayed from a CUDA graph (bf16, channels_last, batch 256).
-    echo "== bench: ResNet-50 training step with torch.compile and CUDA graphs"
-    timeout ${BENCH_TIMEOUT:-400} $PY bench/run.py --dtype bfloat16 --compile --cuda-graphs \
-        --repeats 20 --out "$OUT" > "$OUT/bench-resnet50.log" 2>&1 || status=1
-    tail -n 14 "$OUT/bench-resnet50.log"
+    # The benchmark suite (bench/run.py): ops, blocks and models against eager and
+    # torch.compile, bf16 channels_last batch 256 (SUITE=quick|ops|blocks|models|all, default
+    # all; BENCH_ARGS adds options, e.g. "--cuda-graphs --compile both"). JSON, CSV and plots
+    # land in $OUT; bench/report.py renders the README from them once copied to bench/results/.
+    echo "== bench: suite ${SUITE:-all}"
+    timeout ${BENCH_TIMEOUT:-540} $PY bench/run.py --suite ${SUITE:-all} --dtype bfloat16 \
+        --layout channels_last --batch 256 --cuda-graphs --no-progress --out "$OUT" ${BENCH_ARGS:-} \
+        > "$OUT/bench-suite.log" 2>&1 || status=1
+    grep -E "^(resfuse|suite|ceilings|wrote|ERROR|PARITY)" "$OUT/bench-suite.log" | tail -n 20
+fi
+if has kernels; then
+    # The CUDA backend's kernels one by one against the copy ceiling (a drill-down beside the
+    # suite; it calls the backend's ops directly).
+    echo "== bench: CUDA kernels"
+    timeout ${BENCH_TIMEOUT:-400} $PY bench/cuda_kernels.py --out "$OUT" > "$OUT/bench-kernels.log" 2>&1 || status=1
+    tail -n 30 "$OUT/bench-kernels.log"
 fi
 exit $status

@@ -2,9 +2,9 @@
 
 - `<stem>-speedup.png`: per block (and model) and mode, each resfuse contestant's speed-up
   against eager and against torch.compile from the same run;
-- `<stem>-roofline.png`: every timed row as achieved TFLOP/s against arithmetic intensity
-  (FLOPs per byte of the fused schedule, bench/counts.py), under the measured copy-bandwidth
-  and matmul ceilings.
+- `<stem>-roofline.png`: every timed row with convolutions as achieved TFLOP/s against
+  arithmetic intensity (FLOPs per byte of the fused schedule, bench/counts.py) under the
+  measured ceilings; the scale-bias-add-act rows as GB/s against the measured copy bandwidth.
 """
 from __future__ import annotations
 
@@ -35,42 +35,50 @@ def _title(result: dict) -> str:
 
 
 def speedup_plot(result: dict, path: str, plt) -> Optional[str]:
+    """Two panels (training step, eval): per block and model, each resfuse contestant's speed-up
+    against eager and against torch.compile."""
     rows = [r for r in result["rows"] if r.get("suite") in ("blocks", "models")
             and r.get("median_ms") and str(r.get("contestant", "")).startswith("resfuse")]
     if not rows:
         return None
-    labels, groups = [], {}
-    for r in rows:
-        key = f"{r['case']} · {r['mode']}" + (f" · {r['dtype']} {r['layout']} b{r['batch']}"
-                                             if len(result['settings']['dtypes']) *
-                                             len(result['settings']['layouts']) *
-                                             len(result['settings']['batches']) > 1 else "")
-        if key not in groups:
-            labels.append(key)
-            groups[key] = {}
-        groups[key][r["contestant"]] = r
+    s = result["settings"]
+    multi = len(s["dtypes"]) * len(s["layouts"]) * len(s["batches"]) > 1
+    modes = [m for m in ("train_step", "eval") if any(r["mode"] == m for r in rows)]
     series = []
     for r in rows:
-        for base in ("eager", "compile"):
-            if r.get(f"speedup_vs_{base}") is not None:
-                name = f"{r['contestant']} vs {'torch.compile' if base == 'compile' else 'eager'}"
-                if name not in series:
-                    series.append(name)
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(labels) * max(1, len(series)) + 1.8))
-    height = 0.8 / max(1, len(series))
-    for j, name in enumerate(series):
-        contestant, base = name.split(" vs ")
-        key = "speedup_vs_compile" if base == "torch.compile" else "speedup_vs_eager"
-        ys = [i + j * height for i in range(len(labels))]
-        vals = [(groups[l].get(contestant) or {}).get(key) or 0 for l in labels]
-        ax.barh(ys, vals, height=height, label=name)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))])
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("speed-up (time of the baseline / time of resfuse; > 1 is faster)")
-    ax.set_title(_title(result), fontsize=8)
-    ax.legend(fontsize=7)
+        for base, label in (("eager", "eager"), ("compile", "torch.compile")):
+            if r.get(f"speedup_vs_{base}") is not None and (r["contestant"], base, label) not in series:
+                series.append((r["contestant"], base, label))
+    labels = {m: [] for m in modes}
+    value = {}
+    for r in rows:
+        label = r["case"] + (f" · {r['dtype']} {r['layout']} b{r['batch']}" if multi else "")
+        if label not in labels[r["mode"]]:
+            labels[r["mode"]].append(label)
+        for contestant, base, _ in series:
+            if r["contestant"] == contestant and r.get(f"speedup_vs_{base}") is not None:
+                value[(r["mode"], label, contestant, base)] = r[f"speedup_vs_{base}"]
+    n = max(len(v) for v in labels.values())
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 0.11 * n * len(series) + 2.2),
+                             squeeze=False, sharey=False)
+    height = 0.8 / len(series)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, mode in zip(axes[0], modes):
+        ls = labels[mode]
+        for j, (contestant, base, blabel) in enumerate(series):
+            ys = [i + j * height for i in range(len(ls))]
+            vals = [value.get((mode, l, contestant, base), 0.0) for l in ls]
+            ax.barh(ys, vals, height=height, color=colors[j % len(colors)],
+                    label=f"{contestant} vs {blabel}")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(ls))])
+        ax.set_yticklabels(ls, fontsize=6)
+        ax.set_ylim(len(ls), -0.2)
+        ax.set_title({"train_step": "training step", "eval": "eval"}[mode], fontsize=9)
+        ax.set_xlabel("speed-up (> 1: resfuse is faster)", fontsize=8)
+        ax.grid(axis="x", linewidth=0.3)
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    fig.suptitle(_title(result), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -78,32 +86,60 @@ def speedup_plot(result: dict, path: str, plt) -> Optional[str]:
 
 
 def roofline_plot(result: dict, path: str, plt) -> Optional[str]:
-    rows = [r for r in result["rows"] if r.get("median_ms") and r.get("bytes") and r.get("flops")
-            is not None]
-    if not rows:
+    """Left: every timed row with convolutions as achieved TFLOP/s against arithmetic
+    intensity, under the measured ceilings. Right: the rows without (scale-bias-add-act) as
+    achieved GB/s against the measured copy bandwidth."""
+    timed = [r for r in result["rows"] if r.get("median_ms") and r.get("bytes")]
+    convs = [r for r in timed if r.get("flops")]
+    flat = [r for r in timed if r.get("flops") == 0]
+    if not timed:
         return None
     ceil = result["ceilings"]
     bw = ceil["copy_gbs"] * 1e9
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    panels = (1 if convs else 0) + (1 if flat else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 5.5), squeeze=False)
     markers = {"eager": "o", "torch.compile": "s", "torch.compile(max-autotune)": "D"}
-    for name in dict.fromkeys(r["contestant"] for r in rows):
-        pts = [(max(r["flops"], 1) / r["bytes"], max(r["flops"], 1) / (r["median_ms"] * 1e-3) / 1e12)
-               for r in rows if r["contestant"] == name]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, label=name,
-                   marker=markers.get(name, "^"), alpha=0.75)
-    xs = [min(max(r["flops"], 1) / r["bytes"] for r in rows) / 2,
-          max(max(r["flops"], 1) / r["bytes"] for r in rows) * 2]
-    for dtype, peak in ceil["compute_tflops"].items():
-        knee = peak * 1e12 / bw
-        lo, hi = min(xs[0], knee / 4), max(xs[1], knee * 4)
-        ax.plot([lo, knee, hi], [lo * bw / 1e12, peak, peak], linewidth=1,
-                label=f"roof: copy {ceil['copy_gbs']:.0f} GB/s, {dtype} {peak:.1f} TFLOP/s")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (conv FLOPs / bytes of the fused schedule)")
-    ax.set_ylabel("achieved TFLOP/s")
-    ax.set_title(_title(result), fontsize=8)
-    ax.legend(fontsize=7)
+    ax_i = 0
+    if convs:
+        ax = axes[0][ax_i]
+        ax_i += 1
+        for name in dict.fromkeys(r["contestant"] for r in convs):
+            pts = [(r["flops"] / r["bytes"], r["flops"] / (r["median_ms"] * 1e-3) / 1e12)
+                   for r in convs if r["contestant"] == name]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, label=name,
+                       marker=markers.get(name, "^"), alpha=0.75)
+        lo = min(r["flops"] / r["bytes"] for r in convs) / 2
+        hi = max(r["flops"] / r["bytes"] for r in convs) * 2
+        for dtype, peak in ceil["compute_tflops"].items():
+            knee = peak * 1e12 / bw
+            a, b = min(lo, knee / 4), max(hi, knee * 4)
+            ax.plot([a, knee, b], [a * bw / 1e12, peak, peak], linewidth=1,
+                    label=f"roof: copy {ceil['copy_gbs']:.0f} GB/s, {dtype} {peak:.3g} TFLOP/s")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("arithmetic intensity (conv FLOPs / bytes of the fused schedule)", fontsize=8)
+        ax.set_ylabel("achieved TFLOP/s", fontsize=8)
+        ax.set_title("ops, blocks and models with convolutions", fontsize=9)
+        ax.legend(fontsize=6)
+    if flat:
+        ax = axes[0][ax_i]
+        labels = list(dict.fromkeys(f"{r['case']} · {r['mode']}" for r in flat))
+        names = list(dict.fromkeys(r["contestant"] for r in flat))
+        height = 0.8 / len(names)
+        for j, name in enumerate(names):
+            got = {f"{r['case']} · {r['mode']}": r["gbs"] for r in flat if r["contestant"] == name}
+            ax.barh([i + j * height for i in range(len(labels))],
+                    [got.get(l, 0.0) for l in labels], height=height, label=name)
+        ax.axvline(ceil["copy_gbs"], color="black", linewidth=1, label="copy (measured)")
+        ax.axvline(0.85 * ceil["copy_gbs"], color="black", linewidth=0.8, linestyle=":",
+                   label="85 % of copy")
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))])
+        ax.set_yticklabels(labels, fontsize=6)
+        ax.set_ylim(len(labels), -0.2)
+        ax.set_xlabel("achieved GB/s (bytes of the fused schedule / time)", fontsize=8)
+        ax.set_title("scale-bias-add-act (memory-bound)", fontsize=9)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(_title(result), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

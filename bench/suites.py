@@ -508,7 +508,9 @@ def model_case(model_name: str, mode: str, s: Settings) -> Case:
         plain, source = build_model(model_name)
         _randomize_bn(plain)
         plain = plain.to(s.device, s.dtype).to(memory_format=s.memory_format)
-        xs = [s.randn(n, 3, s.image, s.image) for _ in range(2)]
+        from harness import rotation
+        xs = [s.randn(n, 3, s.image, s.image)
+              for _ in range(rotation(n * 3 * s.image**2 * s.dtype.itemsize, s.device))]
         target = torch.randint(0, 1000, (n,), device=s.device)
         train = mode == "train_step"
         models, extra = {}, {}
@@ -535,14 +537,14 @@ def model_case(model_name: str, mode: str, s: Settings) -> Case:
                 def run():
                     counter[0] += 1
                     with torch.no_grad():
-                        return m(xs[counter[0] % 2])
+                        return m(xs[counter[0] % len(xs)])
                 return run
             opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
 
             def run():
                 counter[0] += 1
                 opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(m(xs[counter[0] % 2]), target).backward()
+                nn.functional.cross_entropy(m(xs[counter[0] % len(xs)]), target).backward()
                 opt.step()
             return run
 
