@@ -156,8 +156,8 @@ class Chain:
             raise ValueError(f"schedule: 'fused' or 'eager', got {schedule!r}")
         fused = schedule == "fused"
         if mode == "eval":
-            return _fused_eval(self) if fused else _eager_eval(self)
-        fwd = _fused_train_fwd(self) if fused else _eager_train_fwd(self)
+            return _fused_eval(self) if fused else _eager_fwd(self, training=False)
+        fwd = _fused_train_fwd(self) if fused else _eager_fwd(self, training=True)
         bwd = _fused_train_bwd(self) if fused else _eager_train_bwd(self)
         return {"train_fwd": fwd, "train_bwd": bwd, "train_step": fwd + bwd}[mode]
 
@@ -245,19 +245,23 @@ def _fused_eval(c: Chain) -> List[Pass]:
 
 
 # -- the unfused module chain -------------------------------------------------------------------
-def _eager_train_fwd(c: Chain) -> List[Pass]:
+def _eager_fwd(c: Chain, training: bool) -> List[Pass]:
+    """The module chain forward: a training BN reads its input twice (statistics, then
+    normalise), an eval BN once."""
     ps, inp = [], "x"
+    bn = "bn (stats + normalise)" if training else "bn"
+    reads = 2 if training else 1
     for i, _ in enumerate(c.convs, 1):
         ps.append(Pass(f"conv{i}", (inp, f"w{i}"), (f"z{i}",)))
-        ps.append(Pass(f"bn{i} (stats + normalise)", (f"z{i}", f"z{i}"), (f"u{i}",)))
+        ps.append(Pass(bn.replace("bn", f"bn{i}", 1), (f"z{i}",) * reads, (f"u{i}",)))
         if i < len(c.convs):
             ps.append(Pass(f"relu{i} (in place)", (f"u{i}",), (f"u{i}",)))
         inp = f"u{i}"
     if c.projection is not None:
         ps.append(Pass("downsample conv", ("x", "wd"), ("zd",)))
-        ps.append(Pass("downsample bn", ("zd", "zd"), ("ud",)))
+        ps.append(Pass("downsample " + bn, ("zd",) * reads, ("ud",)))
     if not c.convs:
-        ps.append(Pass("bn (stats + normalise)", ("x", "x"), ("u",)))
+        ps.append(Pass(bn, ("x",) * reads, ("u",)))
         inp = "u"
     res = {"none": (), "identity": ("x",), "projection": ("ud",), "external": ("r",)}[c.shortcut]
     if res:
@@ -286,27 +290,6 @@ def _eager_train_bwd(c: Chain) -> List[Pass]:
             ps.append(Pass(f"bn{i - 1} backward", (f"gu{i - 1}", f"z{i - 1}") * 2, (f"gz{i - 1}",)))
     if c.input_grad and c.shortcut in ("identity", "projection") and L:
         ps.append(Pass("sum of the input's two gradients", ("gx", "gx"), ("gx",)))
-    return ps
-
-
-def _eager_eval(c: Chain) -> List[Pass]:
-    ps, inp = [], "x"
-    for i, _ in enumerate(c.convs, 1):
-        ps.append(Pass(f"conv{i}", (inp, f"w{i}"), (f"z{i}",)))
-        ps.append(Pass(f"bn{i}", (f"z{i}",), (f"u{i}",)))
-        if i < len(c.convs):
-            ps.append(Pass(f"relu{i} (in place)", (f"u{i}",), (f"u{i}",)))
-        inp = f"u{i}"
-    if c.projection is not None:
-        ps.append(Pass("downsample conv", ("x", "wd"), ("zd",)))
-        ps.append(Pass("downsample bn", ("zd",), ("ud",)))
-    if not c.convs:
-        ps.append(Pass("bn", ("x",), ("u",)))
-        inp = "u"
-    res = {"none": (), "identity": ("x",), "projection": ("ud",), "external": ("r",)}[c.shortcut]
-    if res:
-        ps.append(Pass("add (in place)", (inp,) + res, ("s",)))
-    ps.append(Pass("relu (in place)", ("s" if res else inp,), ("y",)))
     return ps
 
 
@@ -372,10 +355,15 @@ def resnet_blocks(model: str, image: int = 224) -> List[Tuple[BlockShape, int]]:
     return out
 
 
+def resnet_stem_macs(image: int = 224) -> int:
+    """Multiply-accumulates of one image through a ResNet's 7x7 stride-2 stem conv."""
+    stem_hw = (image + 2 * 3 - 7) // 2 + 1
+    return stem_hw * stem_hw * 64 * 3 * 49
+
+
 def resnet_conv_macs(model: str, image: int = 224, num_classes: int = 1000) -> int:
     """Multiply-accumulates of one image through a torchvision ResNet (convs and the fc layer)."""
-    stem_hw = (image + 2 * 3 - 7) // 2 + 1
-    macs = stem_hw * stem_hw * 64 * 3 * 49
+    macs = resnet_stem_macs(image)
     for block, times in resnet_blocks(model, image):
         c = block.chain(1, 1)
         macs += times * c.flops("eval") // 2

@@ -52,11 +52,14 @@ fi
 if has bench; then
     # The benchmark suite (bench/run.py): ops, blocks and models against eager and
     # torch.compile, bf16 channels_last batch 256 (SUITE=quick|ops|blocks|models|all, default
-    # all; BENCH_ARGS adds options, e.g. "--cuda-graphs --compile both"). JSON, CSV and plots
-    # land in $OUT; bench/report.py renders the README from them once copied to bench/results/.
+    # all; BENCH_ARGS adds options, e.g. "--compile both"). JSON, CSV and plots land in $OUT,
+    # the JSON rewritten after every case, so a run cut short keeps what it measured. If one
+    # 10-minute device call cannot hold `all`, give each suite its own call: SUITE=ops, then
+    # blocks, then models. bench/report.py renders the README from the files once they are
+    # copied to bench/results/.
     echo "== bench: suite ${SUITE:-all}"
     timeout ${BENCH_TIMEOUT:-540} $PY bench/run.py --suite ${SUITE:-all} --dtype bfloat16 \
-        --layout channels_last --batch 256 --cuda-graphs --no-progress --out "$OUT" ${BENCH_ARGS:-} \
+        --layout channels_last --batch 256 --cuda-graphs --out "$OUT" ${BENCH_ARGS:-} \
         > "$OUT/bench-suite.log" 2>&1 || status=1
     grep -E "^(resfuse|suite|ceilings|wrote|ERROR|PARITY)" "$OUT/bench-suite.log" | tail -n 20
 fi

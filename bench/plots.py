@@ -44,6 +44,8 @@ def speedup_plot(result: dict, path: str, plt) -> Optional[str]:
     s = result["settings"]
     multi = len(s["dtypes"]) * len(s["layouts"]) * len(s["batches"]) > 1
     modes = [m for m in ("train_step", "eval") if any(r["mode"] == m for r in rows)]
+    if not modes:
+        return None
     series = []
     for r in rows:
         for base, label in (("eager", "eager"), ("compile", "torch.compile")):
@@ -58,6 +60,8 @@ def speedup_plot(result: dict, path: str, plt) -> Optional[str]:
         for contestant, base, _ in series:
             if r["contestant"] == contestant and r.get(f"speedup_vs_{base}") is not None:
                 value[(r["mode"], label, contestant, base)] = r[f"speedup_vs_{base}"]
+    if not series:
+        return None
     n = max(len(v) for v in labels.values())
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 0.11 * n * len(series) + 2.2),
                              squeeze=False, sharey=False)
@@ -92,7 +96,7 @@ def roofline_plot(result: dict, path: str, plt) -> Optional[str]:
     timed = [r for r in result["rows"] if r.get("median_ms") and r.get("bytes")]
     convs = [r for r in timed if r.get("flops")]
     flat = [r for r in timed if r.get("flops") == 0]
-    if not timed:
+    if not convs and not flat:
         return None
     ceil = result["ceilings"]
     bw = ceil["copy_gbs"] * 1e9

@@ -34,6 +34,7 @@ import gc
 import json
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -46,8 +47,9 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import resfuse  # noqa: E402
+from resfuse.backend import AUTO_ORDER  # noqa: E402
 
-import harness  # noqa: E402
+import measure  # noqa: E402
 import suites  # noqa: E402
 from suites import AUTOTUNE, COMPILE, EAGER  # noqa: E402
 
@@ -76,8 +78,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--image", type=int, default=None,
                    help="image side the shapes derive from (default: 224 on a GPU, 112 on a CPU)")
     p.add_argument("--backends", default=None,
-                   help="comma list of resfuse backends to contest (default: auto and every "
-                        "available kernel backend: cuda, triton)")
+                   help="comma list of resfuse backends to contest (default: auto, and on a GPU "
+                        "each available kernel backend other than the one auto takes first)")
     p.add_argument("--compile", default=None, choices=["off", "default", "max-autotune", "both"],
                    help="torch.compile contestants (default: 'default' on a GPU, 'off' on a CPU)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -89,6 +91,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out"),
                    help="folder for the JSON, CSV and plots")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="on a GPU: leave torch.backends.cudnn.benchmark off (default: on)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -115,7 +119,9 @@ def contestants(a: argparse.Namespace) -> tuple:
     """(names, skipped: {name: why}) for this run."""
     status = resfuse.backends()
     if a.backends is None:
-        wanted = ["auto"] + [b for b in KERNEL_BACKENDS if status.get(b) == "ok"]
+        # auto, and each other available kernel backend: the one auto takes first is auto.
+        ready = [b for b in AUTO_ORDER if b in KERNEL_BACKENDS and status.get(b) == "ok"]
+        wanted = ["auto"] + ready[1:] if a.device.type == "cuda" else ["auto"]
     else:
         wanted = _list(a.backends)
     names, skipped = [EAGER], {}
@@ -157,15 +163,29 @@ def _configure_compile():
             setattr(cfg, name, 4096)
 
 
+class DeviceBroken(RuntimeError):
+    """A CUDA error other than running out of memory: the context is unusable, later cases
+    would fail or be blamed for it, so the run stops (after writing what it has). `rows`: the
+    failing case's error row."""
+
+    def __init__(self, message: str, rows: list):
+        super().__init__(message)
+        self.rows = rows
+
+
+def _is_fatal(e: BaseException) -> bool:
+    text = str(e)
+    return (isinstance(e, RuntimeError) and "CUDA" in text and "out of memory" not in text
+            and not isinstance(e, torch.cuda.OutOfMemoryError))
+
+
 def run_case(case: suites.Case, s: suites.Settings, ceil: dict, env: dict) -> list:
     """The rows of one case (one per contestant); an error becomes one row that says so."""
     base = dict(suite=case.suite, case=case.name, mode=case.mode, dtype=s.dtype_name,
                 layout=s.layout, batch=s.batch, image=s.image, shapes=case.shapes,
                 bytes=case.nbytes, bytes_eager=case.nbytes_eager, flops=case.flops,
                 **{k: env[k] for k in TAGS})
-    if any(c != EAGER for c in s.contestants):
-        torch._dynamo.reset()
-    built = None
+    built, fatal, error_rows = None, None, None
     # Backward alone is timed through graphs kept with retain_graph=True, which
     # torch.compile's donated buffers forbid.
     patch = (torch._functorch.config.patch(donated_buffer=False) if case.mode == "train_bwd"
@@ -174,19 +194,33 @@ def run_case(case: suites.Case, s: suites.Settings, ceil: dict, env: dict) -> li
         with patch:
             built = case.build(s)
             checks, source = built.checks, built.source
-            times = harness.time_interleaved(built.fns, s.repeats, s.warmup, s.device)
-            peaks = {n: harness.peak_memory(fn, s.device) for n, fn in built.fns.items()}
+            times = measure.time_interleaved(built.fns, s.repeats, s.warmup, s.device)
+            # A graph replay allocates nothing (its pool is reserved at capture): no peak.
+            peaks = {n: None if n.endswith("+cuda-graph") else measure.peak_memory(fn, s.device)
+                     for n, fn in built.fns.items()}
+            if s.device.type == "cuda":
+                torch.cuda.synchronize(s.device)  # an asynchronous error is this case's
     except Exception as e:  # noqa: BLE001 - one failing case must not end a long run
-        return [dict(base, contestant=None, error=f"{type(e).__name__}: {e}",
-                     traceback=traceback.format_exc(limit=6))]
+        fatal = e if _is_fatal(e) else None
+        error_rows = [dict(base, contestant=None, error=f"{type(e).__name__}: {e}",
+                           traceback=traceback.format_exc(limit=6))]
     finally:
-        del built
-        gc.collect()
-        if s.device.type == "cuda":
-            torch.cuda.empty_cache()
+        built = None
+        try:  # nothing compiled or allocated for this case outlives it
+            torch._dynamo.reset()
+            gc.collect()
+            if s.device.type == "cuda" and fatal is None:
+                torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001
+            fatal = fatal or e
+            error_rows = error_rows or [dict(base, contestant=None, error=f"cleanup: {e}")]
+    if fatal is not None:
+        raise DeviceBroken(f"{type(fatal).__name__}: {fatal}", error_rows) from fatal
+    if error_rows is not None:
+        return error_rows
     rows = []
     for name, ms in times.items():
-        st = harness.summarize(ms)
+        st = measure.summarize(ms)
         rows.append(dict(base, contestant=name, backend=suites.resfuse_backend(name), **st,
                          img_per_s=case.images / (st["median_ms"] * 1e-3),
                          peak_bytes=peaks[name], **checks.get(name, {}),
@@ -208,7 +242,7 @@ def finish_rows(rows: list, ceil: dict):
             r["speedup_vs_eager"] = ref[EAGER] / r["median_ms"] if EAGER in ref else None
             r["speedup_vs_compile"] = ref[COMPILE] / r["median_ms"] if COMPILE in ref else None
             if r.get("bytes") is not None and r.get("flops") is not None:
-                r.update(harness.roofline(r["bytes"], r["flops"], r["median_ms"], ceil, r["dtype"]))
+                r.update(measure.roofline(r["bytes"], r["flops"], r["median_ms"], ceil, r["dtype"]))
 
 
 def print_table(rows: list, out=sys.stdout):
@@ -283,36 +317,54 @@ def main(argv=None) -> int:
         return 2
     if a.compile != "off":
         _configure_compile()
-    env = harness.environment(a.device)
+    if a.device.type == "cuda":
+        # cuDNN picks its convolution algorithms by measuring, as training scripts ask it to
+        # (torchvision's reference scripts do): the same for every contestant.
+        torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
+    env = measure.environment(a.device)
     print(f"resfuse {env['resfuse']} @ {env['commit']} on {env['device']} ({env['device_type']}"
           f"{', driver ' + env['driver'] if env['driver'] else ''}), torch {env['torch']}, "
           f"triton {env['triton']}, CUDA {env['cuda']}, {env['threads']} threads")
     print(f"suite {a.suite}: {len(plan)} cases x {len(names)} contestants "
           f"({', '.join(names)})" + "".join(f"; skipped {k}: {v}" for k, v in skipped.items()))
     t0 = time.monotonic()
-    ceil = harness.ceilings(a.device, a.dtypes)
+    ceil = measure.ceilings(a.device, a.dtypes)
     print("ceilings (measured now): copy {:.1f} GB/s; {}".format(
         ceil["copy_gbs"], "; ".join(f"{k} matmul {v:.2f}, 1x1 conv {ceil['conv1x1_tflops'][k]:.2f} TFLOP/s"
                                     for k, v in ceil["matmul_tflops"].items())))
-    progress = harness.Progress(len(plan), enabled=not a.no_progress)
-    rows = []
-    for s, case in plan:
-        progress.step(f"{case.suite} · {case.name} · {case.mode} · {s.dtype_name} {s.layout} "
-                      f"batch {s.batch}")
-        rows += run_case(case, s, ceil, env)
-    progress.close()
+    settings = dict(suite=a.suite, device=str(a.device), dtypes=[str(d)[6:] for d in a.dtypes],
+                    layouts=a.layouts, batches=a.batches, image=a.image, contestants=names,
+                    skipped_contestants=skipped, compile=a.compile, repeats=a.repeats,
+                    warmup=a.warmup, only=a.only, cudnn_benchmark=torch.backends.cudnn.benchmark,
+                    parity_floor={str(k)[6:]: v for k, v in suites.FLOOR.items()},
+                    model_parity_limit={str(k)[6:]: v for k, v in suites.MODEL_LIMIT.items()},
+                    cases=len(plan), complete=False, stopped=None, seconds=None)
+    result = dict(schema=SCHEMA, env=env, ceilings=ceil, settings=settings, rows=[])
+    rows = result["rows"]
+
+    def on_sigterm(signum, frame):  # e.g. `timeout`: end like Ctrl-C, keeping what was measured
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    progress = measure.Progress(len(plan), enabled=not a.no_progress)
+    try:
+        for s, case in plan:
+            progress.step(f"{case.suite} · {case.name} · {case.mode} · {s.dtype_name} {s.layout} "
+                          f"batch {s.batch}")
+            rows += run_case(case, s, ceil, env)
+            finish_rows(rows, ceil)
+            settings["seconds"] = round(time.monotonic() - t0, 1)
+            write_results(result, a.out)  # after every case: a killed run keeps its rows
+        settings["complete"] = True
+    except (KeyboardInterrupt, DeviceBroken) as e:
+        rows += getattr(e, "rows", [])
+        settings["stopped"] = f"{type(e).__name__}: {e}"
+        print(f"\nstopped after {len({(r['case'], r['mode'], r['dtype'], r['layout'], r['batch']) for r in rows})}"
+              f" of {len(plan)} cases: {settings['stopped']}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.close()
     finish_rows(rows, ceil)
-    result = dict(schema=SCHEMA, env=env, ceilings=ceil,
-                  settings=dict(suite=a.suite, device=str(a.device), dtypes=[str(d)[6:] for d in a.dtypes],
-                                layouts=a.layouts, batches=a.batches, image=a.image,
-                                contestants=names, skipped_contestants=skipped,
-                                compile=a.compile, repeats=a.repeats, warmup=a.warmup,
-                                only=a.only,
-                                parity_floor={str(k)[6:]: v for k, v in suites.FLOOR.items()},
-                                model_parity_limit={str(k)[6:]: v
-                                                    for k, v in suites.MODEL_LIMIT.items()},
-                                seconds=round(time.monotonic() - t0, 1)),
-                  rows=rows)
+    settings["seconds"] = round(time.monotonic() - t0, 1)
     print()
     print_table(rows)
     jpath, cpath = write_results(result, a.out)
@@ -334,7 +386,7 @@ def main(argv=None) -> int:
                f"plus the floor" if r.get("rel_err_fp64") is not None else
                f"relative error against eager {r['judged_rel_err']:.2e} above the limit")
         print(f"PARITY {r['case']} {r['mode']} {r['contestant']}: {why}", file=sys.stderr)
-    return 1 if errors or flagged else 0
+    return 1 if errors or flagged or not settings["complete"] else 0
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.append(os.path.join(ROOT, "bench"))  # after tests/: tests/harness.py is a different module
 
 import counts  # noqa: E402
-import harness  # noqa: E402
+import measure  # noqa: E402
 import report  # noqa: E402
 from counts import BlockShape, Chain, Conv  # noqa: E402
 
@@ -129,25 +129,25 @@ def test_counts_reject_bad_arguments():
         Chain((Conv(3, 8),), "none", 1, 4, 1, 1, 4)
 
 
-# -- harness -----------------------------------------------------------------------------------
+# -- measure ------------------------------------------------------------------------------------
 def test_summarize_and_rotation():
-    s = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    s = measure.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     assert s["median_ms"] == 3.0 and s["p20_ms"] == pytest.approx(1.8) and s["p80_ms"] == pytest.approx(4.2)
-    assert harness.summarize([2.0]) == dict(median_ms=2.0, p20_ms=2.0, p80_ms=2.0, repeats=1)
+    assert measure.summarize([2.0]) == dict(median_ms=2.0, p20_ms=2.0, p80_ms=2.0, repeats=1)
     with pytest.raises(ValueError):
-        harness.summarize([])
+        measure.summarize([])
     cpu = torch.device("cpu")
-    assert harness.rotation(1 << 40, cpu) == 2
-    assert harness.rotation(1, cpu) == 8
-    assert 2 <= harness.rotation(harness.cache_bytes(cpu) // 3, cpu) <= 8
+    assert measure.rotation(1 << 40, cpu) == 2
+    assert measure.rotation(1, cpu) == 8
+    assert 2 <= measure.rotation(measure.cache_bytes(cpu) // 3, cpu) <= 8
 
 
 def test_roofline_picks_the_longer_floor():
     ceil = dict(copy_gbs=1000.0, compute_tflops={"bfloat16": 100.0})
-    mem = harness.roofline(int(1e9), int(1e9), 2.0, ceil, "bfloat16")  # 1 ms of copy, 10 us of math
+    mem = measure.roofline(int(1e9), int(1e9), 2.0, ceil, "bfloat16")  # 1 ms of copy, 10 us of math
     assert mem["bound"] == "memory" and mem["frac_of_roofline"] == pytest.approx(0.5)
     assert mem["gbs"] == pytest.approx(500.0) and mem["floor_ms"] == pytest.approx(1.0)
-    cmp = harness.roofline(int(1e6), int(1e12), 20.0, ceil, "float16")  # falls back to the peak
+    cmp = measure.roofline(int(1e6), int(1e12), 20.0, ceil, "float16")  # falls back to the peak
     assert cmp["bound"] == "compute" and cmp["frac_of_roofline"] == pytest.approx(0.5)
 
 
@@ -158,13 +158,13 @@ def test_time_interleaved_counts_calls():
         def g():
             calls[k] += 1
         return g
-    t = harness.time_interleaved({"a": f("a"), "b": f("b")}, 4, 1, torch.device("cpu"))
+    t = measure.time_interleaved({"a": f("a"), "b": f("b")}, 4, 1, torch.device("cpu"))
     assert calls == {"a": 5, "b": 5} and [len(v) for v in t.values()] == [4, 4]
 
 
 def test_progress_lines():
     out = io.StringIO()
-    p = harness.Progress(3, stream=out)
+    p = measure.Progress(3, stream=out)
     for label in ("one", "two", "three"):
         p.step(label)
     lines = out.getvalue().splitlines()
@@ -292,7 +292,8 @@ def test_targets_table():
     assert got["bottleneck training step ≥ 1.25× torch.compile"] == ("1.30×", "yes")
     assert got["ResNet-50 training step ≥ 1.4× eager"] == ("1.33×", "no")
     assert got["ResNet-50 eval ≥ torch.compile"] == ("0.90×", "no")
-    assert got["peak training memory ≤ 0.75× eager"] == ("0.70×", "yes")
+    assert got["peak training memory ≤ 0.75× eager (above the step's inputs)"] == ("0.70×", "yes")
+    assert got["ResNet-50 training step, img/s (long run: ≈ 7,000)"] == ("8,533", "yes")
     text = "\n".join(report.render_suite(_gpu_run({"block": 1.2})))
     assert "| bottleneck training step ≥ 1.5× eager | 1.20× | no |" in text
 
@@ -319,3 +320,123 @@ def test_committed_results_render():
         readme = f.read()
     assert readme.split(start, 1)[1].split(end, 1)[0].strip() == text.strip(), \
         "README.md's results section is stale: run python bench/report.py"
+
+
+# -- the checks and the run's robustness ---------------------------------------------------------
+import suites  # noqa: E402
+
+
+def _settings(contestants, **kw):
+    base = dict(device=torch.device("cpu"), dtype=torch.float32, layout="channels_last", batch=2,
+                image=32, contestants=contestants, repeats=1, warmup=0)
+    base.update(kw)
+    return suites.Settings(**base)
+
+
+def test_each_contestant_cycles_through_every_input_copy():
+    s = _settings(["eager", "a", "b", "c"])
+    xs = [torch.randn(2, 4, 4, 4) for _ in range(4)]
+    rs = [None] * 4
+    gys = [torch.randn(2, 4, 4, 4) for _ in range(4)]
+    seen = {}
+
+    def impl(name):
+        def f(x, rm, rv, r, p):
+            i = next((i for i, t in enumerate(xs) if t is x), None)  # None: the float64 check
+            if i is not None:
+                seen.setdefault(name, []).append(i)
+            return reference.conv_bn_act(x, None, None, p[0], p[1], rm, rv, training=False)
+        return f
+    p = [torch.rand(4) + 0.5, torch.randn(4)]
+    built = suites._op_built(s, "eval", impl, impl("eager"), p, xs, rs, gys, torch.zeros(4),
+                             torch.ones(4))
+    seen.clear()
+    measure.time_interleaved(built.fns, 8, 0, torch.device("cpu"))
+    assert set(seen) == set(built.fns)
+    for name, copies in seen.items():
+        assert sorted(set(copies)) == [0, 1, 2, 3], (name, copies)
+
+
+def test_judge_is_tensor_by_tensor():
+    torch.manual_seed(0)
+    oracle = [torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)]
+    eager = [oracle[0].float(), (oracle[1] + 0.1 * torch.randn(100, dtype=torch.float64)).float()]
+    # Its output 1 % off: eager's own output error is ~1e-7, its gradient's 10 %; the large
+    # gradient error must not excuse the output.
+    bad = [eager[0] * 1.01, eager[1]]
+    good = [eager[0].double().float(), eager[1]]
+    got = suites.judge({"eager": eager, "bad": bad, "good": good}, oracle, torch.float32)
+    assert got["bad"]["parity_ok"] is False and got["good"]["parity_ok"] is True
+    assert got["eager"]["parity_ok"] is None and got["bad"]["rel_err"] == pytest.approx(0.01, rel=1e-3)
+
+
+class _Scaled(nn.Module):
+    """A block whose last BN output is scaled: a contestant that is slightly wrong."""
+
+    def __init__(self, block, factor=1.0, momentum=None):
+        super().__init__()
+        self.block = block
+        self.factor = factor
+        if momentum is not None:
+            block.bn1.momentum = momentum
+
+    def forward(self, x):
+        return self.block(x) * self.factor
+
+
+@pytest.mark.parametrize("mode", ["train_step", "eval"])
+@pytest.mark.parametrize("wrong", ["output", "running stats"])
+def test_blocks_check_flags_a_slightly_wrong_contestant(mode, wrong):
+    import copy
+    if wrong == "running stats" and mode == "eval":
+        pytest.skip("eval does not update running statistics")
+    s = _settings(["eager", "wrong"])
+    torch.manual_seed(0)
+    block = reference.ResidualBlock(16, 4, 1, bottleneck=True)
+    suites._randomize_bn(block)
+    plain = _Scaled(block).train(mode != "eval")
+    bad = (_Scaled(copy.deepcopy(block), factor=1.01) if wrong == "output" else
+           _Scaled(copy.deepcopy(block), momentum=0.2)).train(mode != "eval")
+    xs = [torch.randn(2, 16, 6, 6, requires_grad=mode != "eval") for _ in range(2)]
+    gys = [torch.randn(2, 16, 6, 6) for _ in range(2)]
+    built = suites._module_built(s, mode, {"eager": plain, "wrong": bad}, plain, xs, gys)
+    assert built.checks["wrong"]["parity_ok"] is False, built.checks
+
+
+def test_a_failing_case_becomes_an_error_row_and_renders():
+    import run as bench_run
+    s = _settings(["eager"])
+    env = measure.environment(torch.device("cpu"))
+
+    def build(_):
+        raise ValueError("no such shape")
+    case = suites.Case("blocks", "broken block", "eval", dict(x=[1]), 1, build)
+    rows = bench_run.run_case(case, s, {}, env)
+    assert len(rows) == 1 and rows[0]["error"] == "ValueError: no such shape"
+    run = _gpu_run({"block": 1.6})
+    run["rows"] += rows + [dict(rows[0], suite="models", case="resnet50")]
+    text = "\n".join(report.render_suite(run))
+    assert "error: ValueError: no such shape" in text
+    lines = text.splitlines()
+    header = next(l for l in lines if l.startswith("| model | mode |"))
+    broken = [l for l in lines if l.startswith("| resnet50 | eval | error")]
+    assert broken and all(l.count("|") == header.count("|") for l in broken), broken
+
+
+def test_a_run_cut_short_keeps_its_rows(tmp_path):
+    """SIGTERM (a `timeout`) ends the run with the cases measured so far written out."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, RUN, "--suite", "quick", "--out", str(tmp_path),
+                             "--repeats", "3", *TINY[4:]], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-2000:]
+    r = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert r["settings"]["complete"] is False and "signal" in r["settings"]["stopped"]
+    assert r["rows"] and all(row.get("median_ms") for row in r["rows"])
+    assert len(r["rows"]) < 2 * r["settings"]["cases"]

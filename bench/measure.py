@@ -48,15 +48,18 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
                      device: torch.device) -> Dict[str, List[float]]:
     """{name: [ms, ...]}: `warmup` uncounted calls of each, then `repeats` rounds of one call of
-    each contestant in turn."""
+    each contestant in turn, the order rotating by one each round (no contestant always runs
+    right after the same other one)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn, device))
+    names = list(fns)
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            times[name].append(time_once(fns[name], device))
     return times
 
 
@@ -152,7 +155,25 @@ def ceilings(device: torch.device, dtypes: List[torch.dtype], repeats: int = 10)
     return dict(copy_gbs=copy_gbs, matmul_tflops=matmul, conv1x1_tflops=conv,
                 compute_tflops={k: max(matmul[k], conv[k]) for k in matmul},
                 copy_bytes=n * 4, matmul_side=side, conv1x1_shape=[batch, 1024, 32, 32],
-                allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+                **tf32_settings())
+
+
+def tf32_settings() -> dict:
+    """Whether fp32 matmuls and convolutions may use TF32 (what fp32 rows on a GPU measure).
+    Torch's newer `fp32_precision` settings make the old flags raise when read: both kinds are
+    tried."""
+    out = {}
+    for key, read in (("matmul_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32),
+                      ("cudnn_allow_tf32", lambda: torch.backends.cudnn.allow_tf32),
+                      ("matmul_fp32_precision",
+                       lambda: torch.backends.cuda.matmul.fp32_precision),
+                      ("cudnn_conv_fp32_precision",
+                       lambda: torch.backends.cudnn.conv.fp32_precision)):
+        try:
+            out[key] = read()
+        except Exception:  # noqa: BLE001 - absent in this torch, or refused
+            pass
+    return out
 
 
 def roofline(nbytes: int, flops: int, ms: float, ceil: dict, dtype: str) -> dict:
