@@ -14,6 +14,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -230,6 +231,21 @@ def environment(device: torch.device) -> dict:
                 torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
                 python=platform.python_version(), resfuse=resfuse.__version__, commit=commit(),
                 backends=resfuse.backends())
+
+
+def device_slug(env: dict) -> str:
+    """'h100' for an NVIDIA H100 ..., 'cpu' on a CPU: the result files' device name."""
+    if env["device_type"] != "cuda":
+        return "cpu"
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", env["device"])
+    return m.group(1).lower() if m else "gpu"
+
+
+def result_stem(result: dict) -> str:
+    """<date>-<device>-<suite>-<commit>: the name of a run's files (JSON, CSV, plots)."""
+    env = result["env"]
+    return "{}-{}-{}-{}".format(env["date"][:10], device_slug(env), result["settings"]["suite"],
+                                env["commit"])
 
 
 # -- progress -----------------------------------------------------------------------------------

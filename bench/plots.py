@@ -22,13 +22,6 @@ def _pyplot():
         return None
 
 
-def stem_of(result: dict) -> str:
-    from run import device_slug
-    env = result["env"]
-    return "{}-{}-{}-{}".format(env["date"][:10], device_slug(env), result["settings"]["suite"],
-                                env["commit"])
-
-
 def _title(result: dict) -> str:
     e = result["env"]
     return f"{e['device']} · torch {e['torch']} · resfuse @ {e['commit']} · {e['date'][:10]}"
@@ -156,7 +149,8 @@ def make_plots(result: dict, out_dir: str, stem: Optional[str] = None) -> Option
     plt = _pyplot()
     if plt is None:
         return None
-    stem = os.path.join(out_dir, stem or stem_of(result))
+    from measure import result_stem
+    stem = os.path.join(out_dir, stem or result_stem(result))
     made = [speedup_plot(result, stem + "-speedup.png", plt),
             roofline_plot(result, stem + "-roofline.png", plt)]
     return [p for p in made if p]

@@ -33,7 +33,6 @@ import csv
 import gc
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -142,13 +141,6 @@ def contestants(a: argparse.Namespace) -> tuple:
             else:
                 skipped["resfuse[auto]+cuda-graph"] = "CUDA graphs need a GPU"
     return names, skipped
-
-
-def device_slug(env: dict) -> str:
-    if env["device_type"] != "cuda":
-        return "cpu"
-    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", env["device"])
-    return m.group(1).lower() if m else "gpu"
 
 
 def _configure_compile():
@@ -281,10 +273,8 @@ CSV_FIELDS = ("suite", "case", "mode", "contestant", "backend", "dtype", "layout
 
 
 def write_results(result: dict, out_dir: str) -> tuple:
-    env = result["env"]
     os.makedirs(out_dir, exist_ok=True)
-    stem = "{}-{}-{}-{}".format(env["date"][:10], device_slug(env), result["settings"]["suite"],
-                                env["commit"])
+    stem = measure.result_stem(result)
     jpath = os.path.join(out_dir, stem + ".json")
     with open(jpath, "w") as f:
         json.dump(result, f, indent=1)
