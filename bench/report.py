@@ -193,7 +193,10 @@ def render_suite(run: dict) -> list:
            f"copy {c['copy_gbs']:.0f} GB/s (read + write); "
            + "; ".join(f"{k} {v:.0f} TFLOP/s" if v >= 10 else f"{k} {v:.2f} TFLOP/s"
                        for k, v in c["compute_tflops"].items())
-           + " (the larger of a matmul and a 1×1 convolution).", ""]
+           + " (the larger of a matmul and a 1×1 convolution)."
+           + ("" if s.get("complete", True) else
+              f" **Incomplete run** ({s.get('stopped')}): only the cases measured are shown."),
+           ""]
     tg = targets(run)
     if tg:
         out += ["| DESIGN.md §6 target | measured (resfuse[auto]) | met |", "| --- | ---: | :---: |"]

@@ -13,15 +13,16 @@ eval), `quick` (a few of each), `all`. Contestants from the same run: eager (res
 or torchvision's model), torch.compile (default; max-autotune with --compile max-autotune or
 both), and resfuse with each available backend.
 
-Every case is first checked against eager on the same inputs (norm-wise relative error, the
-largest over outputs, running statistics and gradients), then timed: contestants interleaved, warm-up
-excluded, inputs rotated past the last-level cache, CUDA events on a GPU; median with 20th/80th
-percentiles; peak memory on a GPU. The copy bandwidth and matmul throughput of the device are
-measured at the start of the run, and each row is reported against them (bench/counts.py gives
-each case's bytes and FLOPs from its shapes).
+Every case is first checked (bench/suites.py: ops and blocks tensor by tensor against eager in
+float64 by STYLE.md's rule; models on logits, running statistics and loss against eager), then
+timed: contestants interleaved, warm-up excluded, inputs rotated past the last-level cache,
+CUDA events on a GPU; median with 20th/80th percentiles; peak memory on a GPU. The copy
+bandwidth and compute ceiling of the device are measured at the start of the run, and each row
+is reported against them (bench/counts.py gives each case's bytes and FLOPs from its shapes).
 
-Writes DIR/<date>-<device>-<suite>-<commit>.json and .csv (every row tagged with device,
-driver, versions, commit, dtype, layout and shapes) and, where matplotlib is installed, PNG
+Writes DIR/<date>-<device>-<suite>-<commit>.json and .csv after every case (every row tagged
+with device, driver, versions, commit, dtype, layout and shapes; a run cut short keeps its rows,
+marked incomplete) and, where matplotlib is installed, PNG
 plots (bench/plots.py); prints a table. `python bench/report.py` renders the README's results
 section from the committed files under bench/results/.
 """
