@@ -75,13 +75,17 @@ setup() {
     local missing
     missing=$("$PY" -c '
 import importlib.util as u
-print(" ".join(m for m in ("torch", "pytest", "numpy", "ninja", "pybind11") if u.find_spec(m) is None))')
+print(" ".join(m for m in ("torch", "triton", "pytest", "numpy", "ninja", "pybind11") if u.find_spec(m) is None))')
     # torch only when none is installed. Exactly `torch==2.13.0`: on the CPU machines a CPU
     # wheel of it is on disk, and any other spec would download the multi-GB CUDA build. A
     # machine that already has a torch (e.g. a CUDA build on a GPU machine) keeps it.
     case " $missing " in
         *" torch "*) "$PY" -m pip install torch==2.13.0; missing=${missing/torch/} ;;
     esac
+    # triton only when none is installed (a GPU machine keeps its own). At least 3.9 where it is
+    # installed here: 3.6's interpreter (TRITON_INTERPRET=1, how the CPU runs the Triton
+    # kernels) fails on numpy 2.4's scalar conversion in loops with runtime bounds.
+    missing=${missing/triton/triton>=3.9}
     missing=$(echo $missing)  # trim
     if [ -n "$missing" ]; then
         # shellcheck disable=SC2086 # word splitting wanted: one argument per package
