@@ -9,6 +9,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/mirrors.py
 
+# Without a GPU the Triton kernels run under Triton's interpreter. Set before anything imports
+# triton: triton reads it once, and a kernel and the @triton.jit helpers it calls must agree.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Floors of the tolerance rule, per dtype (absolute, for O(1) values).
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 

@@ -2,15 +2,11 @@
 prologue (BN + activation on load), epilogues (bias; statistics; residual + activation),
 NCHW and channels_last, groups, stride, padding, dilation. On the CPU the kernels run under
 TRITON_INTERPRET=1 (fp32 and fp64, small shapes); skipped where triton is not installed."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # (TRITON_INTERPRET=1 without a GPU: tests/conftest.py)
 
 from resfuse.triton_kernels import conv as TC  # noqa: E402
 
