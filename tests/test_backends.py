@@ -12,7 +12,9 @@ from resfuse.backend.base import Case
 def test_backends_reports_every_backend_with_a_reason():
     b = resfuse.backends()
     assert b["eager"] == "ok" and b["pieces"] == "ok"
-    assert b["triton"] != "ok" and len(b["triton"]) > 10, b["triton"]
+    # triton is "ok" with triton installed and a GPU, or TRITON_INTERPRET=1 (as tests/ sets
+    # without a GPU); elsewhere it says why not.
+    assert b["triton"] == "ok" or len(b["triton"]) > 10, b["triton"]
     # cuda is "ok" where resfuse._C is built and a GPU is visible; elsewhere it says why not.
     assert b["cuda"] == "ok" or len(b["cuda"]) > 10, b["cuda"]
     if not torch.cuda.is_available():
@@ -130,3 +132,21 @@ def test_opcheck_backward_and_inference_ops(backend):
         (torch.randn_like(y2), xa, a, w2, mean2, invstd2, bw, bb, [1, 1], [1, 1], [1, 1], 1, True,
          "gelu", 0.01, backend, False, [True, True, True, True, False]),
         test_utils=("test_schema", "test_faketensor"))
+
+
+def test_triton_without_gpu_needs_the_interpreter_and_auto_never_picks_it(monkeypatch):
+    from resfuse.backend.triton import TritonBackend
+    be = TritonBackend()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if be.unavailable_reason() is not None:
+        pytest.skip(f"triton: {be.unavailable_reason()}")
+    assert be.unsupported_reason(CPU_CASE) is None
+    assert "float32 and float64" in be.unsupported_reason(
+        Case("conv_bn_act", "cpu", torch.bfloat16, False))
+    monkeypatch.delenv("RESFUSE_BACKEND", raising=False)
+    assert dispatch.select(CPU_CASE).name == "eager"  # auto: never the interpreter
+    assert dispatch.select(CPU_CASE, "triton").name == "triton"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "TRITON_INTERPRET=1" in be.unavailable_reason()
+        assert "interpreter" in be.unsupported_reason(CPU_CASE)

@@ -123,8 +123,14 @@ def test_non_contiguous_and_odd_strides_are_handled():
 
 
 def test_forced_unavailable_backend_raises_clearly():
-    with pytest.raises(resfuse.BackendUnavailable, match="triton"):
-        _call(_args(backend="triton"))
+    missing = [b for b in ("cuda", "triton") if resfuse.backends()[b] != "ok"]
+    for name in missing:
+        with pytest.raises(resfuse.BackendUnavailable, match=name):
+            _call(_args(backend=name))
+    if resfuse.backends()["triton"] == "ok" and not torch.cuda.is_available():
+        with pytest.raises(resfuse.BackendUnavailable, match="float32 and float64"):
+            _call({k: (v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                   for k, v in _args(backend="triton").items()})
     with pytest.raises(ValueError, match="backend: expected one of"):
         _call(_args(backend="tpu"))
 

@@ -2,15 +2,18 @@
 
 Run through the CPU backends: `eager` (the CPU path: the differentiable chain with gradients,
 folded BN in inference), `eager-function` (the eager backend through the custom autograd
-Function and its pieces on aten's BN kernels) and `pieces` (the written-out reference pieces the
-kernel backends replace).
+Function and its pieces on aten's BN kernels), `pieces` (the written-out reference pieces the
+kernel backends replace) and `triton` (its kernels; on the CPU in Triton's interpreter).
 """
 import pytest
 import torch
 
+import resfuse
 from harness import OpCase, backend_variant, check
 
-BACKENDS = ["eager", "eager-function", "pieces"]
+# `triton` where it runs: on a GPU, or here under TRITON_INTERPRET=1 (tests/conftest.py).
+BACKENDS = ["eager", "eager-function", "pieces"] + (
+    ["triton"] if resfuse.backends()["triton"] == "ok" else [])
 DTYPES = [torch.float64, torch.float32]
 
 CONV_CASES = {
@@ -151,7 +154,8 @@ def test_nan_and_inf_propagate_as_in_eager(backend):
         assert torch.equal(torch.isnan(grads[k]), torch.isnan(gr[k])), k
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS  # (the interpreter: fp32, fp64)
+                                     if b != "triton" or torch.cuda.is_available()])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("act", ["relu", "silu"])
 @pytest.mark.parametrize("form", ["post", "pre", "bn_act"])

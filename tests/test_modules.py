@@ -152,3 +152,6 @@ def test_block_backend_attribute_is_used():
     if resfuse.backends()["triton"] != "ok":
         with pytest.raises(resfuse.BackendUnavailable):
             fused(torch.randn(2, 8, 4, 4))
+    elif not torch.cuda.is_available():  # the interpreter: float32 and float64 only
+        with pytest.raises(resfuse.BackendUnavailable, match="float32 and float64"):
+            fused.bfloat16()(torch.randn(2, 8, 4, 4, dtype=torch.bfloat16))

@@ -10,7 +10,8 @@ a chunk of rows to partials, and `_merge` adds the chunks' partials in order, so
 identical bits. Statistics accumulate in fp32 (fp64 for fp64 inputs), shifted by the channel's
 first element (sums of x - K and (x - K)^2, K close to the mean: no cancellation).
 
-The mask: bit j of int32 word w is element 32 * w + j of the tensor in memory order.
+The mask: bit j of int32 word w is element 32 * w + j of the tensor in memory order; the bit is
+the test torch's own backward makes (relu: not u <= 0; leaky_relu: u > 0).
 """
 from __future__ import annotations
 
@@ -93,7 +94,13 @@ def _apply_kernel(z_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, saved_ptr, TOTAL, C
     y = _act(uf, ACT, slope).to(dt)
     tl.store(y_ptr + idx, y, mask=ok)
     if SAVE == 1:
-        bits = tl.reshape((uf > 0).to(tl.int32), (BLOCK // 32, 32))
+        # The bit torch's backward tests: relu passes the gradient unless u <= 0 (NaN passes),
+        # leaky_relu where u > 0 (NaN takes the slope).
+        if ACT == 1:
+            bit = (uf <= 0) == 0
+        else:
+            bit = uf > 0
+        bits = tl.reshape(bit.to(tl.int32), (BLOCK // 32, 32))
         words = tl.sum(bits << tl.arange(0, 32)[None, :], 1)
         w_idx = pid.to(tl.int64) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
         tl.store(saved_ptr + w_idx, words, mask=w_idx < (TOTAL + 31) // 32)
@@ -115,7 +122,7 @@ def _grad_u(g_ptr, saved_ptr, idx, ok, ACT: tl.constexpr, SAVE: tl.constexpr, sl
     elif SAVE == 2 or SAVE == 3:
         u = tl.load(saved_ptr + idx, mask=ok, other=0.0).to(acc_t)
         if ACT == 1:
-            g = tl.where(u > 0, g, 0.0)
+            g = tl.where(u <= 0, 0.0, g)
         elif ACT == 2:
             g = tl.where(u > 0, g, g * slope)
         elif ACT == 3:
@@ -165,9 +172,11 @@ def _bwd_reduce_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, gu_ptr, s1_ptr, s2_ptr
 
 @triton.jit
 def _bwd_apply_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, gz_ptr, TOTAL, C, INNER,
-                      slope, ACT: tl.constexpr, SAVE: tl.constexpr, ACC_FP64: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """g_z = A[c] * g_u + B[c] + D[c] * (z - mean[c]), g_u recomputed from the mask or u."""
+                      slope, ACT: tl.constexpr, SAVE: tl.constexpr, SCALE_ONLY: tl.constexpr,
+                      ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """g_z = A[c] * g_u + B[c] + D[c] * (z - mean[c]), g_u recomputed from the mask or u;
+    SCALE_ONLY: g_z = A[c] * g_u (eval-mode BN, or g_u itself), z not read (a NaN in z then
+    stays out of g_z, as in torch)."""
     pid = tl.program_id(0)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < TOTAL
@@ -175,11 +184,15 @@ def _bwd_apply_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, gz_ptr, TOTAL
     acc_t = tl.float64 if ACC_FP64 else tl.float32
     gu = _grad_u(g_ptr, saved_ptr, idx, ok, ACT, SAVE, slope, acc_t)
     a = tl.load(coef_ptr + c, mask=ok, other=0.0).to(acc_t)
-    b = tl.load(coef_ptr + C + c, mask=ok, other=0.0).to(acc_t)
-    d = tl.load(coef_ptr + 2 * C + c, mask=ok, other=0.0).to(acc_t)
-    mean = tl.load(mean_ptr + c, mask=ok, other=0.0).to(acc_t)
-    z = tl.load(z_ptr + idx, mask=ok, other=0.0).to(acc_t)
-    tl.store(gz_ptr + idx, (a * gu + b + d * (z - mean)).to(gz_ptr.dtype.element_ty), mask=ok)
+    if SCALE_ONLY:
+        gz = a * gu
+    else:
+        b = tl.load(coef_ptr + C + c, mask=ok, other=0.0).to(acc_t)
+        d = tl.load(coef_ptr + 2 * C + c, mask=ok, other=0.0).to(acc_t)
+        mean = tl.load(mean_ptr + c, mask=ok, other=0.0).to(acc_t)
+        z = tl.load(z_ptr + idx, mask=ok, other=0.0).to(acc_t)
+        gz = a * gu + b + d * (z - mean)
+    tl.store(gz_ptr + idx, gz.to(gz_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -258,7 +271,8 @@ def backward_reduce(grad_y: torch.Tensor, saved: Optional[torch.Tensor], save: i
 def backward_apply(grad_y: torch.Tensor, saved: Optional[torch.Tensor], save: int,
                    z: torch.Tensor, mean: torch.Tensor, coef: torch.Tensor, act: int,
                    slope: float) -> torch.Tensor:
-    """g_z = coef[0] * g_u + coef[1] + coef[2] * (z - mean) per channel."""
+    """g_z = coef[0] * g_u + coef[1] + coef[2] * (z - mean) per channel; `coef` of one row
+    ([1, C]): g_z = coef[0] * g_u."""
     outer, C, inner = _layout(z)
     grad_y = grad_y if grad_y.stride() == z.stride() else grad_y.contiguous(
         memory_format=torch.channels_last if inner == 1 else torch.contiguous_format)
@@ -267,5 +281,5 @@ def backward_apply(grad_y: torch.Tensor, saved: Optional[torch.Tensor], save: in
     _bwd_apply_kernel[(triton.cdiv(z.numel(), BLOCK),)](
         grad_y, saved if saved is not None else z, z, mean, coef.contiguous(), gz, z.numel(), C,
         inner, float(slope), ACT=act, SAVE=save if saved is not None else SAVE_NONE,
-        ACC_FP64=z.dtype == torch.float64, BLOCK=BLOCK)
+        SCALE_ONLY=coef.shape[0] == 1, ACC_FP64=z.dtype == torch.float64, BLOCK=BLOCK)
     return gz

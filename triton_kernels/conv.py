@@ -36,10 +36,11 @@ ACT_IDENTITY, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_GELU_TANH = rang
 @triton.jit
 def _act(u, ACT: tl.constexpr, slope):
     """act(u) in u's (fp32 or fp64) precision."""
+    # (NaN stays NaN, as in torch: the comparisons are written so that NaN takes u.)
     if ACT == 1:
-        u = tl.where(u > 0, u, 0.0)
+        u = tl.where(u < 0, 0.0, u)
     elif ACT == 2:
-        u = tl.where(u > 0, u, u * slope)
+        u = tl.where(u < 0, u * slope, u)
     elif ACT == 3:
         u = u / (1.0 + tl.exp(-u))
     elif ACT == 4:

@@ -25,6 +25,7 @@ import torch
 from .base import Backend, BackendUnavailable, Case
 from .cuda import CudaBackend
 from .eager import EagerBackend
+from .triton import TritonBackend
 
 NAMES = ("eager", "triton", "cuda", "pieces")
 # Fastest first; `auto` takes the first that is available and supports the case.
@@ -32,21 +33,12 @@ AUTO_ORDER = ("cuda", "triton", "eager")
 
 # `cuda` is always registered; it reports itself unavailable where resfuse._C does not load
 # (and why) or no GPU is visible.
+# `triton` likewise: unavailable without triton, or without a GPU unless TRITON_INTERPRET=1.
 _registry: Dict[str, Backend] = {"eager": EagerBackend(), "cuda": CudaBackend(),
-                                 "pieces": Backend()}
+                                 "triton": TritonBackend(), "pieces": Backend()}
 
-def _triton_reason() -> str:
-    try:
-        import triton  # noqa: F401
-        found = f"triton {triton.__version__} is installed"
-    except Exception:
-        found = "triton is not installed"
-    return f"not available: this version has no Triton kernels yet ({found})"
-
-
-# Backends not registered in this version, with a function that says why (called lazily:
-# importing triton is slow).
-_unavailable = {"triton": _triton_reason}
+# Backends not registered in this version, with a function that says why.
+_unavailable: Dict[str, object] = {}
 _scope: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("resfuse_backend", default=None)
 
 
