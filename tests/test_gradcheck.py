@@ -1,5 +1,6 @@
-"""float64 gradcheck of every functional entry point, through both CPU backends; `pieces` is
-the written-out reference backward that the kernel backends replace piece by piece."""
+"""float64 gradcheck of every functional entry point, through both CPU backends and `triton`
+(in Triton's interpreter without a GPU); `pieces` is the written-out reference backward that
+the kernel backends replace piece by piece."""
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -7,8 +8,16 @@ from torch.autograd import gradcheck
 import resfuse
 import resfuse.functional as RF
 
-BACKENDS = ["eager", "pieces"]
+# `triton` where it runs: on a GPU, or here under TRITON_INTERPRET=1 (tests/conftest.py).
+BACKENDS = ["eager", "pieces"] + (["triton"] if resfuse.backends()["triton"] == "ok" else [])
 D = torch.float64
+
+
+def _fast(backend: str) -> bool:
+    """gradcheck's fast mode (random projections of the Jacobian, a few evaluations instead
+    of one per input element) for the kernels in Triton's interpreter: the full check of one
+    conv op takes about 30 s there."""
+    return backend == "triton" and not torch.cuda.is_available()
 
 
 def _bn(c, affine=True, track=True):
@@ -37,7 +46,7 @@ def test_conv_bn_act(act, training, backend):
     def f(x, w, b, bw, bb, r):
         return RF.conv_bn_act(x, w, b, bw, bb, _fresh(rm), _fresh(rv), training=training,
                               activation=act, residual=r, stride=1, padding=0, backend=backend)
-    assert gradcheck(f, (x, w, b, bw, bb, r), eps=1e-6, atol=1e-6)
+    assert gradcheck(f, (x, w, b, bw, bb, r), eps=1e-6, atol=1e-6, fast_mode=_fast(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,7 +69,7 @@ def test_conv_bn_act_modes(mode, backend):
         return RF.conv_bn_act(x, w, None, bw_, bb_, _fresh(rm), _fresh(rv), training=training,
                               activation="silu", stride=stride, padding=1, groups=groups,
                               backend=backend)
-    assert gradcheck(f, tuple(params), eps=1e-6, atol=1e-6)
+    assert gradcheck(f, tuple(params), eps=1e-6, atol=1e-6, fast_mode=_fast(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,7 +83,7 @@ def test_bn_act(act, training, backend):
     def f(x, bw, bb, r):
         return RF.bn_act(x, bw, bb, _fresh(rm), _fresh(rv), training=training, activation=act,
                          residual=r, backend=backend)
-    assert gradcheck(f, (x, bw, bb, r), eps=1e-6, atol=1e-6)
+    assert gradcheck(f, (x, bw, bb, r), eps=1e-6, atol=1e-6, fast_mode=_fast(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,7 +99,7 @@ def test_bn_act_conv(act, training, backend):
     def f(x, bw, bb, w, b, r):
         return RF.bn_act_conv(x, bw, bb, _fresh(rm), _fresh(rv), w, b, training=training,
                               activation=act, residual=r, stride=1, padding=0, backend=backend)
-    assert gradcheck(f, (x, bw, bb, w, b, r), eps=1e-6, atol=1e-6)
+    assert gradcheck(f, (x, bw, bb, w, b, r), eps=1e-6, atol=1e-6, fast_mode=_fast(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -103,14 +112,14 @@ def test_function_apply_directly(backend):
     def f(x, w, bw, bb):
         return resfuse.ConvBNActFunction.apply(x, w, None, bw, bb, None, None, None, None,
                                                resfuse.OpConfig(backend=backend))
-    assert gradcheck(f, (x, w, bw, bb), eps=1e-6, atol=1e-6)
+    assert gradcheck(f, (x, w, bw, bb), eps=1e-6, atol=1e-6, fast_mode=_fast(backend))
 
     def g(x, bw, bb, w):
         return resfuse.BNActConvFunction.apply(x, bw, bb, None, None, None, w, None, None,
                                                resfuse.OpConfig(activation="gelu", backend=backend))
     assert gradcheck(g, (x[:, :3], bw[:3].detach().requires_grad_(),
                          bb[:3].detach().requires_grad_(), w.detach()[:, :3].requires_grad_()),
-                     eps=1e-6, atol=1e-6)
+                     eps=1e-6, atol=1e-6, fast_mode=_fast(backend))
 
 
 def test_partial_requires_grad():
