@@ -12,6 +12,15 @@ from resfuse.triton_kernels import conv as TC  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 against F.conv2d to 2e-5: both without TF32 (the kernel follows torch's setting)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
 # (N, Cin, Cout, H, W, k, stride, pad, dil, groups)
 SHAPES = [
     (2, 8, 16, 7, 7, 3, 1, 1, 1, 1),

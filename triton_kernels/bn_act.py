@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv import _act
+from .conv import _act, _on_device
 
 # What the forward keeps for backward.
 SAVE_NONE, SAVE_MASK, SAVE_INPUT, SAVE_OUTPUT = range(4)
@@ -70,8 +70,8 @@ def _stats_kernel(z_ptr, k_ptr, s1_ptr, s2_ptr, R, C, INNER, ROWS_PER_PROG,
 
 
 @triton.jit
-def _apply_kernel(z_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, saved_ptr, TOTAL, C, INNER, slope,
-                  HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+def _apply_kernel(z_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, saved_ptr, TOTAL, N_WORDS, C, INNER,
+                  SLOPE: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
                   SAVE: tl.constexpr, BLOCK: tl.constexpr):
     """y = act(round(round(z * scale + shift) + r)), rounding to z's dtype where the eager
     chain's BN output and residual sum are stored; saves the mask (u > 0) or u."""
@@ -91,7 +91,7 @@ def _apply_kernel(z_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, saved_ptr, TOTAL, C
         u = (u.to(tl.float32 if dt != tl.float64 else tl.float64)
              + tl.load(r_ptr + idx, mask=ok, other=0.0)).to(dt)
     uf = u.to(tl.float32 if dt != tl.float64 else tl.float64)
-    y = _act(uf, ACT, slope).to(dt)
+    y = _act(uf, ACT, SLOPE).to(dt)
     tl.store(y_ptr + idx, y, mask=ok)
     if SAVE == 1:
         # The bit torch's backward tests: relu passes the gradient unless u <= 0 (NaN passes),
@@ -103,13 +103,14 @@ def _apply_kernel(z_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, saved_ptr, TOTAL, C
         bits = tl.reshape(bit.to(tl.int32), (BLOCK // 32, 32))
         words = tl.sum(bits << tl.arange(0, 32)[None, :], 1)
         w_idx = pid.to(tl.int64) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
-        tl.store(saved_ptr + w_idx, words, mask=w_idx < (TOTAL + 31) // 32)
+        tl.store(saved_ptr + w_idx, words, mask=w_idx < N_WORDS)
     elif SAVE == 2:
         tl.store(saved_ptr + idx, u, mask=ok)
 
 
 @triton.jit
-def _grad_u(g_ptr, saved_ptr, idx, ok, ACT: tl.constexpr, SAVE: tl.constexpr, slope, acc_t):
+def _grad_u(g_ptr, saved_ptr, idx, ok, ACT: tl.constexpr, SAVE: tl.constexpr,
+            SLOPE: tl.constexpr, acc_t):
     """act'(u) * grad_y for elements idx, from the mask, u or y."""
     g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(acc_t)
     if SAVE == 1:
@@ -118,13 +119,13 @@ def _grad_u(g_ptr, saved_ptr, idx, ok, ACT: tl.constexpr, SAVE: tl.constexpr, sl
         if ACT == 1:
             g = tl.where(pos, g, 0.0)
         else:
-            g = tl.where(pos, g, g * slope)
+            g = tl.where(pos, g, g * SLOPE)
     elif SAVE == 2 or SAVE == 3:
         u = tl.load(saved_ptr + idx, mask=ok, other=0.0).to(acc_t)
         if ACT == 1:
             g = tl.where(u <= 0, 0.0, g)
         elif ACT == 2:
-            g = tl.where(u > 0, g, g * slope)
+            g = tl.where(u > 0, g, g * SLOPE)
         elif ACT == 3:
             sig = 1.0 / (1.0 + tl.exp(-u))
             g = g * sig * (1.0 + u * (1.0 - sig))
@@ -143,7 +144,7 @@ def _grad_u(g_ptr, saved_ptr, idx, ok, ACT: tl.constexpr, SAVE: tl.constexpr, sl
 
 @triton.jit
 def _bwd_reduce_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, gu_ptr, s1_ptr, s2_ptr,
-                       R, C, INNER, ROWS_PER_PROG, slope,
+                       R, C, INNER, ROWS_PER_PROG, SLOPE: tl.constexpr,
                        ACT: tl.constexpr, SAVE: tl.constexpr, WRITE_GU: tl.constexpr,
                        ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per chunk: sum(g_u) and sum(g_u * (z - mean)) per channel; g_u written if asked."""
@@ -159,7 +160,7 @@ def _bwd_reduce_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, gu_ptr, s1_ptr, s2_ptr
         rows = r0 + tl.arange(0, BLOCK_R)
         ok = (rows < R)[:, None] & c_ok[None, :]
         idx = _offsets(rows, c, C, INNER)
-        gu = _grad_u(g_ptr, saved_ptr, idx, ok, ACT, SAVE, slope, acc_t)
+        gu = _grad_u(g_ptr, saved_ptr, idx, ok, ACT, SAVE, SLOPE, acc_t)
         gu = tl.where(ok, gu, 0.0)
         if WRITE_GU:
             tl.store(gu_ptr + idx, gu.to(gu_ptr.dtype.element_ty), mask=ok)
@@ -172,7 +173,7 @@ def _bwd_reduce_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, gu_ptr, s1_ptr, s2_ptr
 
 @triton.jit
 def _bwd_apply_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, gz_ptr, TOTAL, C, INNER,
-                      slope, ACT: tl.constexpr, SAVE: tl.constexpr, SCALE_ONLY: tl.constexpr,
+                      SLOPE: tl.constexpr, ACT: tl.constexpr, SAVE: tl.constexpr, SCALE_ONLY: tl.constexpr,
                       ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
     """g_z = A[c] * g_u + B[c] + D[c] * (z - mean[c]), g_u recomputed from the mask or u;
     SCALE_ONLY: g_z = A[c] * g_u (eval-mode BN, or g_u itself), z not read (a NaN in z then
@@ -182,7 +183,7 @@ def _bwd_apply_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, gz_ptr, TOTAL
     ok = idx < TOTAL
     c = ((idx // INNER) % C).to(tl.int32)
     acc_t = tl.float64 if ACC_FP64 else tl.float32
-    gu = _grad_u(g_ptr, saved_ptr, idx, ok, ACT, SAVE, slope, acc_t)
+    gu = _grad_u(g_ptr, saved_ptr, idx, ok, ACT, SAVE, SLOPE, acc_t)
     a = tl.load(coef_ptr + c, mask=ok, other=0.0).to(acc_t)
     if SCALE_ONLY:
         gz = a * gu
@@ -216,9 +217,10 @@ def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     n_chunks, per = _chunks(R)
     s1 = torch.empty((n_chunks, C), device=z.device, dtype=acc)
     s2 = torch.empty_like(s1)
-    _stats_kernel[(n_chunks, triton.cdiv(C, _CHANNELS))](
-        z, k, s1, s2, R, C, inner, per, ACC_FP64=acc == torch.float64, BLOCK_R=_ROWS,
-        BLOCK_C=_CHANNELS)
+    with _on_device(z):
+        _stats_kernel[(n_chunks, triton.cdiv(C, _CHANNELS))](
+            z, k, s1, s2, R, C, inner, per, ACC_FP64=acc == torch.float64, BLOCK_R=_ROWS,
+            BLOCK_C=_CHANNELS)
     m1 = s1.sum(0) / R
     return k + m1, (s2.sum(0) / R - m1 * m1).clamp_min(0)
 
@@ -240,11 +242,13 @@ def apply(z: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.
     else:
         saved = None
     BLOCK = 1024
-    _apply_kernel[(triton.cdiv(total, BLOCK),)](
-        z, scale if scale is not None else z, shift if shift is not None else z,
-        residual if residual is not None else z, y, saved if saved is not None else y,
-        total, C, inner, float(slope), HAS_AFFINE=scale is not None,
-        HAS_RES=residual is not None, ACT=act, SAVE=save, BLOCK=BLOCK)
+    with _on_device(z):
+        _apply_kernel[(triton.cdiv(total, BLOCK),)](
+            z, scale if scale is not None else z, shift if shift is not None else z,
+            residual if residual is not None else z, y, saved if saved is not None else y,
+            total, (total + 31) // 32, C, inner, SLOPE=float(slope),
+            HAS_AFFINE=scale is not None, HAS_RES=residual is not None, ACT=act, SAVE=save,
+            BLOCK=BLOCK)
     return y, saved
 
 
@@ -261,10 +265,12 @@ def backward_reduce(grad_y: torch.Tensor, saved: Optional[torch.Tensor], save: i
     s1 = torch.empty((n_chunks, C), device=z.device, dtype=acc)
     s2 = torch.empty_like(s1)
     gu = torch.empty_like(z) if write_gu else None
-    _bwd_reduce_kernel[(n_chunks, triton.cdiv(C, _CHANNELS))](
-        grad_y, saved if saved is not None else z, z, mean, gu if gu is not None else z, s1, s2,
-        R, C, inner, per, float(slope), ACT=act, SAVE=save if saved is not None else SAVE_NONE,
-        WRITE_GU=write_gu, ACC_FP64=acc == torch.float64, BLOCK_R=_ROWS, BLOCK_C=_CHANNELS)
+    with _on_device(z):
+        _bwd_reduce_kernel[(n_chunks, triton.cdiv(C, _CHANNELS))](
+            grad_y, saved if saved is not None else z, z, mean, gu if gu is not None else z,
+            s1, s2, R, C, inner, per, SLOPE=float(slope), ACT=act,
+            SAVE=save if saved is not None else SAVE_NONE, WRITE_GU=write_gu,
+            ACC_FP64=acc == torch.float64, BLOCK_R=_ROWS, BLOCK_C=_CHANNELS)
     return gu, s1.sum(0), s2.sum(0)
 
 
@@ -278,8 +284,10 @@ def backward_apply(grad_y: torch.Tensor, saved: Optional[torch.Tensor], save: in
         memory_format=torch.channels_last if inner == 1 else torch.contiguous_format)
     gz = torch.empty_like(z)
     BLOCK = 1024
-    _bwd_apply_kernel[(triton.cdiv(z.numel(), BLOCK),)](
-        grad_y, saved if saved is not None else z, z, mean, coef.contiguous(), gz, z.numel(), C,
-        inner, float(slope), ACT=act, SAVE=save if saved is not None else SAVE_NONE,
-        SCALE_ONLY=coef.shape[0] == 1, ACC_FP64=z.dtype == torch.float64, BLOCK=BLOCK)
+    with _on_device(z):
+        _bwd_apply_kernel[(triton.cdiv(z.numel(), BLOCK),)](
+            grad_y, saved if saved is not None else z, z, mean, coef.contiguous(), gz,
+            z.numel(), C, inner, SLOPE=float(slope), ACT=act,
+            SAVE=save if saved is not None else SAVE_NONE, SCALE_ONLY=coef.shape[0] == 1,
+            ACC_FP64=z.dtype == torch.float64, BLOCK=BLOCK)
     return gz

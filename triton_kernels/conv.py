@@ -23,6 +23,7 @@ convolutions would (`torch.backends.cudnn.allow_tf32`).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -34,13 +35,14 @@ ACT_IDENTITY, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_GELU_TANH = rang
 
 
 @triton.jit
-def _act(u, ACT: tl.constexpr, slope):
-    """act(u) in u's (fp32 or fp64) precision."""
+def _act(u, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """act(u) in u's (fp32 or fp64) precision. SLOPE (leaky_relu) is a constexpr: a float
+    kernel argument would be fp32 on a GPU, and fp64 math needs it exact."""
     # (NaN stays NaN, as in torch: the comparisons are written so that NaN takes u.)
     if ACT == 1:
         u = tl.where(u < 0, 0.0, u)
     elif ACT == 2:
-        u = tl.where(u < 0, u * slope, u)
+        u = tl.where(u < 0, u * SLOPE, u)
     elif ACT == 3:
         u = u / (1.0 + tl.exp(-u))
     elif ACT == 4:
@@ -64,8 +66,7 @@ def _conv_fwd_kernel(
     syn, syc, syh, syw,                # y strides
     srn, src, srh, srw,                # residual strides
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    pro_slope, epi_slope,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PRO_SLOPE: tl.constexpr, EPI_SLOPE: tl.constexpr,
     HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, PRO_ACT: tl.constexpr,
     STATS: tl.constexpr, HAS_RES: tl.constexpr, EPI_ACT: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
@@ -104,13 +105,13 @@ def _conv_fwd_kernel(
                 if PROLOGUE:
                     sc = tl.load(pro_scale_ptr + ci, mask=ci_ok, other=0.0)
                     sh = tl.load(pro_shift_ptr + ci, mask=ci_ok, other=0.0)
-                    u = _act(a.to(sc.dtype) * sc[None, :] + sh[None, :], PRO_ACT, pro_slope)
+                    u = _act(a.to(sc.dtype) * sc[None, :] + sh[None, :], PRO_ACT, PRO_SLOPE)
                     a = tl.where(a_mask, u, 0.0).to(x_ptr.dtype.element_ty)
                 b = tl.load(w_ptr + co.to(tl.int64)[None, :] * swo + ci_g[:, None] * swi
                             + r * swh + s * sww,
                             mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
                 if ACC_FP64:
-                    acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], 1)
+                    acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
                 else:
                     acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -133,10 +134,11 @@ def _conv_fwd_kernel(
         if HAS_RES:
             r_off = (n.to(tl.int64) * srn + oh.to(tl.int64) * srh
                      + ow.to(tl.int64) * srw)[:, None] + co.to(tl.int64)[None, :] * src
-            # The conv's output rounds to y's dtype before the add, as in the eager chain.
-            acc = acc.to(y_ptr.dtype.element_ty).to(acc_t) \
-                + tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(acc_t)
-        acc = _act(acc, EPI_ACT, epi_slope)
+            # Rounded to y's dtype where the eager chain stores: the conv output, the sum.
+            acc = (acc.to(y_ptr.dtype.element_ty).to(acc_t)
+                   + tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(acc_t))
+            acc = acc.to(y_ptr.dtype.element_ty).to(acc_t)
+        acc = _act(acc, EPI_ACT, EPI_SLOPE)
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -146,6 +148,26 @@ class Prologue(NamedTuple):
     shift: torch.Tensor
     act: int = ACT_RELU
     slope: float = 0.0
+
+
+def _conv_tf32() -> bool:
+    """Whether torch's fp32 convolutions use TF32 now (then ours do: "exactly when PyTorch's
+    convolution would"). Torch's newer `fp32_precision` setting makes the old flag raise."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    try:
+        if conv is not None and getattr(conv, "fp32_precision", "none") not in ("none", None):
+            return conv.fp32_precision == "tf32"
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device and its stream)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -192,22 +214,22 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     pro = prologue
     dummy = y
     res = residual if residual is not None else y
-    precision = "tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-                           and x.is_cuda) else "ieee"
+    precision = "tf32" if x.dtype == torch.float32 and x.is_cuda and _conv_tf32() else "ieee"
     grid = (tiles_m, triton.cdiv(cout_g, BN), groups)
-    _conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else dummy, y,
-        pro.scale if pro is not None else dummy, pro.shift if pro is not None else dummy,
-        res, st_mean, st_m2,
-        M, H, W, Ho, Wo, cin_g, cout_g,
-        *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        float(pro.slope) if pro is not None else 0.0, float(slope),
-        KH=KH, KW=KW, HAS_BIAS=bias is not None, PROLOGUE=pro is not None,
-        PRO_ACT=pro.act if pro is not None else 0, STATS=stats, HAS_RES=residual is not None,
-        EPI_ACT=act, ACC_FP64=x.dtype == torch.float64, PRECISION=precision,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-    )
+    with _on_device(x):
+        _conv_fwd_kernel[grid](
+            x, weight, bias if bias is not None else dummy, y,
+            pro.scale if pro is not None else dummy, pro.shift if pro is not None else dummy,
+            res, st_mean, st_m2,
+            M, H, W, Ho, Wo, cin_g, cout_g,
+            *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            KH=KH, KW=KW, PRO_SLOPE=float(pro.slope) if pro is not None else 0.0,
+            EPI_SLOPE=float(slope), HAS_BIAS=bias is not None, PROLOGUE=pro is not None,
+            PRO_ACT=pro.act if pro is not None else 0, STATS=stats,
+            HAS_RES=residual is not None, EPI_ACT=act, ACC_FP64=x.dtype == torch.float64,
+            PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        )
     if not stats:
         return y, None
     counts = torch.full((tiles_m, 1), BM, device=x.device, dtype=acc)
