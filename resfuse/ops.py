@@ -98,10 +98,17 @@ def conv_bn_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     be = dispatch.get(backend)
     act = Activation(activation, negative_slope)
     p = _params(stride, padding, dilation, groups)
-    z = x if weight is None else be.conv(x, weight, bias, p)
+    stats = None
+    if weight is None:
+        z = x
+    elif training or running_mean is None:  # batch statistics: from the conv's epilogue if it can
+        z, stats = be.conv_stats(x, weight, bias, p)
+    else:
+        z = be.conv(x, weight, bias, p)
     y, mean, invstd, u = be.bn_act_forward(z, bn_weight, bn_bias, running_mean, running_var,
                                            num_batches_tracked, training, momentum, eps,
-                                           residual, act, save_for_backward)
+                                           residual, act, save_for_backward,
+                                           **({} if stats is None else {"batch_stats": stats}))
     if not save_for_backward:
         return y, _empty(x), _empty(x), _empty(x), _empty(x)
     return (y, z if weight is not None else _empty(x), mean, invstd,

@@ -150,3 +150,26 @@ def test_triton_without_gpu_needs_the_interpreter_and_auto_never_picks_it(monkey
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert "TRITON_INTERPRET=1" in be.unavailable_reason()
         assert "interpreter" in be.unsupported_reason(CPU_CASE)
+
+
+def test_triton_training_takes_batch_statistics_from_the_conv_epilogue(monkeypatch):
+    """A conv_bn_act training forward through `triton`: the statistics come from the conv's
+    epilogue (no separate pass over z), and the result is the module chain's."""
+    from resfuse.backend.triton import TritonBackend
+    if resfuse.backends()["triton"] != "ok":
+        pytest.skip(f"triton: {resfuse.backends()['triton']}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def no_pass(self, z):
+        raise AssertionError("bn_stats: a separate statistics pass over z")
+    monkeypatch.setattr(TritonBackend, "bn_stats", no_pass)
+    D = torch.float64
+    x = torch.randn(3, 4, 7, 7, dtype=D, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, 3, 3, dtype=D, device=device)
+    args = [torch.rand(6, dtype=D, device=device) + 0.5, torch.randn(6, dtype=D, device=device)]
+    rm, rv = torch.zeros(6, dtype=D, device=device), torch.ones(6, dtype=D, device=device)
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = RF.conv_bn_act(x, w, None, *args, rm, rv, training=True, padding=1, backend="triton")
+    ref = resfuse.reference.conv_bn_act(x, w, None, *args, rm2, rv2, training=True, padding=1)
+    assert (y - ref).abs().max().item() < 1e-10
+    assert (rm - rm2).abs().max().item() < 1e-12 and (rv - rv2).abs().max().item() < 1e-12

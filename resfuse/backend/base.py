@@ -126,6 +126,13 @@ class Backend:
         return _aten.convolution(x, weight, bias, list(p.stride), list(p.padding),
                                  list(p.dilation), False, [0, 0], p.groups)
 
+    def conv_stats(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: ConvParams
+                   ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+        """(z, batch statistics of z or None): a backend whose conv can compute BN's
+        statistics in its epilogue returns them (mean, biased variance, as `bn_stats`), and
+        `bn_act_forward(batch_stats=...)` then skips its own pass over z."""
+        return self.conv(x, weight, bias, p), None
+
     def bn_stats(self, z: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-channel mean and biased variance, in the accumulation dtype."""
         acc = acc_dtype(z.dtype)
@@ -162,13 +169,15 @@ class Backend:
                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
                        num_batches_tracked: Optional[Tensor], training: bool,
                        momentum: Optional[float], eps: float, residual: Optional[Tensor],
-                       act: Activation, save_input: bool):
+                       act: Activation, save_input: bool,
+                       batch_stats: Optional[Tuple[Tensor, Tensor]] = None):
         """y = act(bn(z) + residual) with nn.BatchNorm2d's semantics and side effects.
         Returns (y, mean, invstd, u): the statistics BN used (batch or running) and the
-        pre-activation u when `save_input` and the activation's backward reads it."""
+        pre-activation u when `save_input` and the activation's backward reads it.
+        `batch_stats`: z's (mean, biased variance) already computed (`conv_stats`)."""
         acc = acc_dtype(z.dtype)
         if training or running_mean is None:
-            mean, var = self.bn_stats(z)
+            mean, var = batch_stats if batch_stats is not None else self.bn_stats(z)
             update = training and running_mean is not None
             invstd = self.bn_finalize(mean, var, z.numel() // z.shape[1], eps,
                                       running_mean if update else None,

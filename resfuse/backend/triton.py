@@ -8,8 +8,9 @@ This version (work in progress toward DESIGN.md section 1's fused design):
   (triton_kernels/bn_act.py);
 - convolution backward: PyTorch's (`aten.convolution_backward`): the Triton data- and
   weight-gradient kernels are not written yet.
-Not yet used: the conv's statistics epilogue and BN + activation prologue (they need the ops to
-hand a conv its neighbours' BN: next step).
+In training the conv computes BN's batch statistics in its epilogue (`conv_stats`): a
+conv_bn_act forward is the conv, then one scale-shift-add-activation pass. Not yet used: the BN +
+activation prologue (it needs the ops to hand a conv the previous BN: next step).
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (fp32 and fp64): how CI
 and users check them. `auto` never picks the interpreter, and does not pick this backend on a
@@ -91,6 +92,14 @@ class TritonBackend(Backend):
         (conv, _), _ = _kernels()
         y, _ = conv.conv2d(x, weight, bias, p.stride, p.padding, p.dilation, p.groups)
         return y
+
+    def conv_stats(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: ConvParams):
+        """The conv with BN's batch statistics computed in its epilogue (per output tile,
+        merged in a fixed order): no separate pass over z."""
+        (conv, _), _ = _kernels()
+        z, parts = conv.conv2d(x, weight, bias, p.stride, p.padding, p.dilation, p.groups,
+                               stats=True)
+        return z, conv.merge_stats(parts)
 
     def bn_stats(self, z: Tensor):
         (_, bn), _ = _kernels()
