@@ -282,6 +282,11 @@ def bn_act_conv_fwd(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Te
     be = dispatch.get(backend)
     act = Activation(activation, negative_slope)
     p = _params(stride, padding, dilation, groups)
+    if not save_for_backward:
+        y = be.bn_act_conv_unsaved(x, bn_weight, bn_bias, running_mean, running_var,
+                                   num_batches_tracked, training, momentum, eps, weight, bias,
+                                   residual, act, p)
+        return y, _empty(x), _empty(x), _empty(x)
     a, mean, invstd, _ = be.bn_act_forward(x, bn_weight, bn_bias, running_mean, running_var,
                                            num_batches_tracked, training, momentum, eps, None,
                                            act, False)

@@ -173,3 +173,32 @@ def test_triton_training_takes_batch_statistics_from_the_conv_epilogue(monkeypat
     ref = resfuse.reference.conv_bn_act(x, w, None, *args, rm2, rv2, training=True, padding=1)
     assert (y - ref).abs().max().item() < 1e-10
     assert (rm - rm2).abs().max().item() < 1e-12 and (rv - rv2).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_triton_preactivation_inference_applies_bn_in_the_conv_prologue(monkeypatch, training, act):
+    """bn_act_conv without gradients through `triton`: BN + activation applied as the conv
+    loads x (act(bn(x)) never written), equal to the module chain, side effects included."""
+    from resfuse.backend.triton import TritonBackend
+    if resfuse.backends()["triton"] != "ok":
+        pytest.skip(f"triton: {resfuse.backends()['triton']}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def no_write(self, *a, **k):
+        raise AssertionError("scale_shift_add_act: act(bn(x)) written")
+    monkeypatch.setattr(TritonBackend, "scale_shift_add_act", no_write)
+    D = torch.float64
+    x = torch.randn(3, 4, 7, 7, dtype=D, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, 3, 3, dtype=D, device=device)
+    bw, bb = torch.rand(4, dtype=D, device=device) + 0.5, torch.randn(4, dtype=D, device=device)
+    rm, rv = torch.randn(4, dtype=D, device=device) * 0.1, torch.rand(4, dtype=D, device=device) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    r = torch.randn(3, 6, 7, 7, dtype=D, device=device)
+    with torch.no_grad():
+        y = RF.bn_act_conv(x, bw, bb, rm, rv, w, None, training=training, activation=act,
+                           residual=r, padding=1, backend="triton")
+    ref = resfuse.reference.bn_act_conv(x, bw, bb, rm2, rv2, w, None, training=training,
+                                        activation=act, residual=r, padding=1)
+    assert (y - ref).abs().max().item() < 1e-10
+    assert (rm - rm2).abs().max().item() < 1e-12 and (rv - rv2).abs().max().item() < 1e-12

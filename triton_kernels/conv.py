@@ -105,7 +105,9 @@ def _conv_fwd_kernel(
                 if PROLOGUE:
                     sc = tl.load(pro_scale_ptr + ci, mask=ci_ok, other=0.0)
                     sh = tl.load(pro_shift_ptr + ci, mask=ci_ok, other=0.0)
-                    u = _act(a.to(sc.dtype) * sc[None, :] + sh[None, :], PRO_ACT, PRO_SLOPE)
+                    # BN's output rounds to x's dtype before the activation, as in eager.
+                    u = (a.to(sc.dtype) * sc[None, :] + sh[None, :]).to(x_ptr.dtype.element_ty)
+                    u = _act(u.to(sc.dtype), PRO_ACT, PRO_SLOPE)
                     a = tl.where(a_mask, u, 0.0).to(x_ptr.dtype.element_ty)
                 b = tl.load(w_ptr + co.to(tl.int64)[None, :] * swo + ci_g[:, None] * swi
                             + r * swh + s * sww,

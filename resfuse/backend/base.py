@@ -175,6 +175,20 @@ class Backend:
         Returns (y, mean, invstd, u): the statistics BN used (batch or running) and the
         pre-activation u when `save_input` and the activation's backward reads it.
         `batch_stats`: z's (mean, biased variance) already computed (`conv_stats`)."""
+        mean, invstd, scale, shift = self.bn_prepare(z, bn_weight, bn_bias, running_mean,
+                                                     running_var, num_batches_tracked, training,
+                                                     momentum, eps, batch_stats)
+        y, u = self.scale_shift_add_act(z, scale, shift, residual, act, save_input)
+        return y, mean, invstd, u
+
+    def bn_prepare(self, z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   num_batches_tracked: Optional[Tensor], training: bool,
+                   momentum: Optional[float], eps: float,
+                   batch_stats: Optional[Tuple[Tensor, Tensor]] = None):
+        """BN's statistics and affine, before it is applied: (mean, invstd, scale, shift),
+        batch statistics (updating the running ones) in training or without running ones,
+        else the running ones."""
         acc = acc_dtype(z.dtype)
         if training or running_mean is None:
             mean, var = batch_stats if batch_stats is not None else self.bn_stats(z)
@@ -187,8 +201,22 @@ class Backend:
             mean = running_mean.to(acc, copy=True)
             invstd = torch.rsqrt(running_var.to(acc) + eps)
         scale, shift = bn_scale_shift(mean, invstd, bn_weight, bn_bias)
-        y, u = self.scale_shift_add_act(z, scale, shift, residual, act, save_input)
-        return y, mean, invstd, u
+        return mean, invstd, scale, shift
+
+    def bn_act_conv_unsaved(self, x: Tensor, bn_weight: Optional[Tensor],
+                            bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+                            running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                            training: bool, momentum: Optional[float], eps: float,
+                            weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                            act: Activation, p: ConvParams) -> Tensor:
+        """y = conv(act(bn(x))) + residual when nothing is kept for backward (inference): a
+        backend whose conv applies BN + activation as it loads (prologue) never writes
+        act(bn(x))."""
+        a, _, _, _ = self.bn_act_forward(x, bn_weight, bn_bias, running_mean, running_var,
+                                         num_batches_tracked, training, momentum, eps, None,
+                                         act, False)
+        y = self.conv(a, weight, bias, p)
+        return y if residual is None else y.add_(residual)
 
     def bn_act_backward(self, grad_y: Tensor, saved: Optional[Tensor], z: Tensor, mean: Tensor,
                         invstd: Tensor, bn_weight: Optional[Tensor], use_batch_stats: bool,

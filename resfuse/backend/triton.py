@@ -9,8 +9,10 @@ This version (work in progress toward DESIGN.md section 1's fused design):
 - convolution backward: PyTorch's (`aten.convolution_backward`): the Triton data- and
   weight-gradient kernels are not written yet.
 In training the conv computes BN's batch statistics in its epilogue (`conv_stats`): a
-conv_bn_act forward is the conv, then one scale-shift-add-activation pass. Not yet used: the BN +
-activation prologue (it needs the ops to hand a conv the previous BN: next step).
+conv_bn_act forward is the conv, then one scale-shift-add-activation pass. The pre-activation
+op (conv(act(bn(x)))) applies BN + activation in the conv's prologue where nothing is kept for
+backward (inference); with gradients it still writes act(bn(x)) (the backward reads it), and a
+block does not yet hand its next conv the previous BN (next step).
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (fp32 and fp64): how CI
 and users check them. `auto` never picks the interpreter, and does not pick this backend on a
@@ -100,6 +102,20 @@ class TritonBackend(Backend):
         z, parts = conv.conv2d(x, weight, bias, p.stride, p.padding, p.dilation, p.groups,
                                stats=True)
         return z, conv.merge_stats(parts)
+
+    def bn_act_conv_unsaved(self, x, bn_weight, bn_bias, running_mean, running_var,
+                            num_batches_tracked, training, momentum, eps, weight, bias, residual,
+                            act, p):
+        """conv(act(bn(x))) + residual with BN + activation applied as the conv loads x (its
+        prologue): act(bn(x)) is never written."""
+        (conv, _), _ = _kernels()
+        _, _, scale, shift = self.bn_prepare(x, bn_weight, bn_bias, running_mean, running_var,
+                                             num_batches_tracked, training, momentum, eps)
+        y, _ = conv.conv2d(x, weight, bias, p.stride, p.padding, p.dilation, p.groups,
+                           prologue=conv.Prologue(scale, shift, _ACT_CODE[act.kind],
+                                                  act.negative_slope),
+                           residual=None if residual is None else residual.to(x.dtype))
+        return y
 
     def bn_stats(self, z: Tensor):
         (_, bn), _ = _kernels()
