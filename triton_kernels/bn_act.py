@@ -47,29 +47,6 @@ def _offsets(rows, c, C, INNER):
 
 
 @triton.jit
-def _stats_kernel(z_ptr, k_ptr, s1_ptr, s2_ptr, R, C, INNER, ROWS_PER_PROG,
-                  ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per chunk of rows: sum(z - K) and sum((z - K)^2) per channel."""
-    chunk = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    acc_t = tl.float64 if ACC_FP64 else tl.float32
-    k = tl.load(k_ptr + c, mask=c_ok, other=0.0)
-    s1 = tl.zeros((BLOCK_C,), dtype=acc_t)
-    s2 = tl.zeros((BLOCK_C,), dtype=acc_t)
-    start = chunk * ROWS_PER_PROG
-    for r0 in range(start, start + ROWS_PER_PROG, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        ok = (rows < R)[:, None] & c_ok[None, :]
-        z = tl.load(z_ptr + _offsets(rows, c, C, INNER), mask=ok, other=0.0).to(acc_t)
-        d = tl.where(ok, z - k[None, :], 0.0)
-        s1 += tl.sum(d, 0)
-        s2 += tl.sum(d * d, 0)
-    tl.store(s1_ptr + chunk * C + c, s1, mask=c_ok)
-    tl.store(s2_ptr + chunk * C + c, s2, mask=c_ok)
-
-
-@triton.jit
 def _apply_kernel(z_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, saved_ptr, TOTAL, N_WORDS, C, INNER,
                   SLOPE: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
                   SAVE: tl.constexpr, BLOCK: tl.constexpr):
@@ -143,16 +120,19 @@ def _grad_u(g_ptr, saved_ptr, idx, ok, ACT: tl.constexpr, SAVE: tl.constexpr,
 
 
 @triton.jit
-def _bwd_reduce_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, gu_ptr, s1_ptr, s2_ptr,
-                       R, C, INNER, ROWS_PER_PROG, SLOPE: tl.constexpr,
-                       ACT: tl.constexpr, SAVE: tl.constexpr, WRITE_GU: tl.constexpr,
-                       ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per chunk: sum(g_u) and sum(g_u * (z - mean)) per channel; g_u written if asked."""
+def _channel_sums_kernel(z_ptr, ref_ptr, g_ptr, saved_ptr, gu_ptr, s1_ptr, s2_ptr,
+                         R, C, INNER, ROWS_PER_PROG, SLOPE: tl.constexpr, STATS: tl.constexpr,
+                         ACT: tl.constexpr, SAVE: tl.constexpr, WRITE_GU: tl.constexpr,
+                         ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per chunk of rows and per channel, the two sums of a BN pass over z:
+    STATS: sum(z - ref) and sum((z - ref)^2), ref close to the mean (the statistics);
+    else: sum(g_u) and sum(g_u * (z - ref)), ref the mean, g_u = act'(u) * grad_y recomputed
+    from the mask or u, and written if WRITE_GU (BN-backward's reduction)."""
     chunk = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     acc_t = tl.float64 if ACC_FP64 else tl.float32
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(acc_t)
+    ref = tl.load(ref_ptr + c, mask=c_ok, other=0.0).to(acc_t)
     s1 = tl.zeros((BLOCK_C,), dtype=acc_t)
     s2 = tl.zeros((BLOCK_C,), dtype=acc_t)
     start = chunk * ROWS_PER_PROG
@@ -160,13 +140,15 @@ def _bwd_reduce_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, gu_ptr, s1_ptr, s2_ptr
         rows = r0 + tl.arange(0, BLOCK_R)
         ok = (rows < R)[:, None] & c_ok[None, :]
         idx = _offsets(rows, c, C, INNER)
-        gu = _grad_u(g_ptr, saved_ptr, idx, ok, ACT, SAVE, SLOPE, acc_t)
-        gu = tl.where(ok, gu, 0.0)
-        if WRITE_GU:
-            tl.store(gu_ptr + idx, gu.to(gu_ptr.dtype.element_ty), mask=ok)
-        z = tl.load(z_ptr + idx, mask=ok, other=0.0).to(acc_t)
-        s1 += tl.sum(gu, 0)
-        s2 += tl.sum(gu * tl.where(ok, z - mean[None, :], 0.0), 0)
+        d = tl.where(ok, tl.load(z_ptr + idx, mask=ok, other=0.0).to(acc_t) - ref[None, :], 0.0)
+        if STATS:
+            a = d
+        else:
+            a = tl.where(ok, _grad_u(g_ptr, saved_ptr, idx, ok, ACT, SAVE, SLOPE, acc_t), 0.0)
+            if WRITE_GU:
+                tl.store(gu_ptr + idx, a.to(gu_ptr.dtype.element_ty), mask=ok)
+        s1 += tl.sum(a, 0)
+        s2 += tl.sum(a * d, 0)
     tl.store(s1_ptr + chunk * C + c, s1, mask=c_ok)
     tl.store(s2_ptr + chunk * C + c, s2, mask=c_ok)
 
@@ -218,9 +200,9 @@ def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     s1 = torch.empty((n_chunks, C), device=z.device, dtype=acc)
     s2 = torch.empty_like(s1)
     with _on_device(z):
-        _stats_kernel[(n_chunks, triton.cdiv(C, _CHANNELS))](
-            z, k, s1, s2, R, C, inner, per, ACC_FP64=acc == torch.float64, BLOCK_R=_ROWS,
-            BLOCK_C=_CHANNELS)
+        _channel_sums_kernel[(n_chunks, triton.cdiv(C, _CHANNELS))](
+            z, k, z, z, z, s1, s2, R, C, inner, per, SLOPE=0.0, STATS=True, ACT=0, SAVE=SAVE_NONE,
+            WRITE_GU=False, ACC_FP64=acc == torch.float64, BLOCK_R=_ROWS, BLOCK_C=_CHANNELS)
     m1 = s1.sum(0) / R
     return k + m1, (s2.sum(0) / R - m1 * m1).clamp_min(0)
 
@@ -266,9 +248,9 @@ def backward_reduce(grad_y: torch.Tensor, saved: Optional[torch.Tensor], save: i
     s2 = torch.empty_like(s1)
     gu = torch.empty_like(z) if write_gu else None
     with _on_device(z):
-        _bwd_reduce_kernel[(n_chunks, triton.cdiv(C, _CHANNELS))](
-            grad_y, saved if saved is not None else z, z, mean, gu if gu is not None else z,
-            s1, s2, R, C, inner, per, SLOPE=float(slope), ACT=act,
+        _channel_sums_kernel[(n_chunks, triton.cdiv(C, _CHANNELS))](
+            z, mean, grad_y, saved if saved is not None else z, gu if gu is not None else z,
+            s1, s2, R, C, inner, per, SLOPE=float(slope), STATS=False, ACT=act,
             SAVE=save if saved is not None else SAVE_NONE, WRITE_GU=write_gu,
             ACC_FP64=acc == torch.float64, BLOCK_R=_ROWS, BLOCK_C=_CHANNELS)
     return gu, s1.sum(0), s2.sum(0)
