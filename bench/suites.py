@@ -68,9 +68,10 @@ class Settings:
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
-    def randn(self, *shape, rank4: bool = True) -> torch.Tensor:
+    def randn(self, *shape) -> torch.Tensor:
+        """A random 4-D tensor in the run's dtype and layout."""
         t = torch.randn(*shape, device=self.device, dtype=self.dtype)
-        return t.contiguous(memory_format=self.memory_format) if rank4 else t
+        return t.contiguous(memory_format=self.memory_format)
 
 
 @dataclasses.dataclass
@@ -168,13 +169,6 @@ def _bn_state(s: Settings, c: int):
     rm = (torch.randn(c, generator=g) * 0.1).to(s.device, s.dtype)
     rv = (torch.rand(c, generator=g) * 0.5 + 0.75).to(s.device, s.dtype)
     return w, b, rm, rv
-
-
-def _grad_fn(out_fn: Callable, inputs: Callable, gy: torch.Tensor):
-    def step(i):
-        y = out_fn(i)
-        return torch.autograd.grad(y, inputs(i), gy)
-    return step
 
 
 # -- ops -----------------------------------------------------------------------------------------

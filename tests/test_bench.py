@@ -409,7 +409,7 @@ def test_a_failing_case_becomes_an_error_row_and_renders():
     def build(_):
         raise ValueError("no such shape")
     case = suites.Case("blocks", "broken block", "eval", dict(x=[1]), 1, build)
-    rows = bench_run.run_case(case, s, {}, env)
+    rows = bench_run.run_case(case, s, env)
     assert len(rows) == 1 and rows[0]["error"] == "ValueError: no such shape"
     run = _gpu_run({"block": 1.6})
     run["rows"] += rows + [dict(rows[0], suite="models", case="resnet50")]

@@ -39,6 +39,14 @@ def _layout(z: torch.Tensor) -> Tuple[int, int, int]:
     raise ValueError("bn_act kernels take NCHW- or channels_last-contiguous tensors")
 
 
+def _in_layout_of(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """t (z's shape) with z's strides: the kernels index both with z's layout."""
+    if t.stride() == z.stride():
+        return t
+    fmt = torch.channels_last if _layout(z)[2] == 1 else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
 @triton.jit
 def _offsets(rows, c, C, INNER):
     o = rows // INNER
@@ -214,9 +222,8 @@ def apply(z: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.
     outer, C, inner = _layout(z)
     total = z.numel()
     y = torch.empty_like(z)
-    if residual is not None and residual.stride() != z.stride():
-        residual = residual.contiguous(memory_format=torch.channels_last if inner == 1
-                                       else torch.contiguous_format)
+    if residual is not None:
+        residual = _in_layout_of(residual, z)
     if save == SAVE_MASK:
         saved = torch.empty((total + 31) // 32, device=z.device, dtype=torch.int32)
     elif save == SAVE_INPUT:
@@ -239,8 +246,7 @@ def backward_reduce(grad_y: torch.Tensor, saved: Optional[torch.Tensor], save: i
                     ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(g_u or None, sum(g_u), sum(g_u * (z - mean))) per channel."""
     outer, C, inner = _layout(z)
-    grad_y = grad_y if grad_y.stride() == z.stride() else grad_y.contiguous(
-        memory_format=torch.channels_last if inner == 1 else torch.contiguous_format)
+    grad_y = _in_layout_of(grad_y, z)
     R = outer * inner
     acc = _acc(z.dtype)
     n_chunks, per = _chunks(R)
@@ -262,8 +268,7 @@ def backward_apply(grad_y: torch.Tensor, saved: Optional[torch.Tensor], save: in
     """g_z = coef[0] * g_u + coef[1] + coef[2] * (z - mean) per channel; `coef` of one row
     ([1, C]): g_z = coef[0] * g_u."""
     outer, C, inner = _layout(z)
-    grad_y = grad_y if grad_y.stride() == z.stride() else grad_y.contiguous(
-        memory_format=torch.channels_last if inner == 1 else torch.contiguous_format)
+    grad_y = _in_layout_of(grad_y, z)
     gz = torch.empty_like(z)
     BLOCK = 1024
     with _on_device(z):

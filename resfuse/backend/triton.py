@@ -50,10 +50,11 @@ def _kernels():
     return (conv, bn_act), None
 
 
-def _contiguous(t: Tensor, like: Tensor) -> Tensor:
-    """t in like's memory format (NCHW or channels_last), as the BN kernels read it."""
-    fmt = (torch.channels_last if like.is_contiguous(memory_format=torch.channels_last)
-           and not like.is_contiguous() else torch.contiguous_format)
+def _contiguous(t: Tensor) -> Tensor:
+    """t contiguous in its own memory format (NCHW or channels_last), as the BN kernels read
+    it (any other strides: one copy)."""
+    fmt = (torch.channels_last if t.is_contiguous(memory_format=torch.channels_last)
+           and not t.is_contiguous() else torch.contiguous_format)
     return t.contiguous(memory_format=fmt)
 
 
@@ -119,13 +120,13 @@ class TritonBackend(Backend):
 
     def bn_stats(self, z: Tensor):
         (_, bn), _ = _kernels()
-        return bn.batch_stats(_contiguous(z, z))
+        return bn.batch_stats(_contiguous(z))
 
     def scale_shift_add_act(self, z, scale, shift, residual, act, save_input=True):
         (_, bn), _ = _kernels()
         saves = self.forward_saves(act) if save_input else "nothing"
         code = {"mask": bn.SAVE_MASK, "input": bn.SAVE_INPUT}.get(saves, bn.SAVE_NONE)
-        z = _contiguous(z, z)
+        z = _contiguous(z)
         y, saved = bn.apply(z, scale, shift, None if residual is None else residual.to(z.dtype),
                             _ACT_CODE[act.kind], act.negative_slope, code)
         return y, saved
@@ -151,7 +152,7 @@ class TritonBackend(Backend):
     def bn_act_backward(self, grad_y, saved, z, mean, invstd, bn_weight, use_batch_stats, act,
                         need_gz, need_bn_grads, need_gu=True):
         (_, bn), _ = _kernels()
-        z = _contiguous(z, z)
+        z = _contiguous(z)
         save = self._saved_code(saved, act)
         code, slope = _ACT_CODE[act.kind], act.negative_slope
         count = z.numel() // z.shape[1]
