@@ -24,7 +24,7 @@ dtype joins in the BN output's dtype, as torchvision's in-place `out += identity
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from . import backend as dispatch, reference
 from .activations import ActivationLike, as_activation
 from .backend.base import Case
-from .ops import BNActConvFunction, ConvBNActFunction, OpConfig
+from .backend.base import BackendUnavailable, acc_dtype
+from .ops import BNActConvFunction, ConvBNActFunction, ConvStatsFunction, OpConfig
 from .sync_ops import SyncBNActConvFunction, SyncConvBNActFunction
-from .validation import (ConvParams, ResfuseInputError, check_bn, check_conv, check_input,
-                         check_residual, conv_params)
+from .validation import (ConvParams, ResfuseInputError, check_batch_stats, check_bn, check_conv,
+                         check_input, check_residual, conv_params)
 
 Tensor = torch.Tensor
 _NO_CONV = ConvParams()
@@ -102,14 +103,18 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
                 activation: ActivationLike = "relu", negative_slope: Optional[float] = None,
                 residual: Optional[Tensor] = None, stride=1, padding: Union[int, tuple, str] = 0,
                 dilation=1, groups: int = 1, backend: Optional[str] = None,
-                process_group=None) -> Tensor:
+                process_group=None, batch_stats: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tensor:
     """act(bn(conv(x, weight, bias)) + residual). `weight=None`: no conv (see `bn_act`).
 
     `padding` may be an int, a pair, "same" or "valid" (as `F.conv2d`); `activation` a name
     ("identity", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh"), an `nn.Module` of those
     kinds or an `Activation`; `negative_slope` sets leaky_relu's slope; `residual` must have
     the output's shape; `backend` forces "eager", "triton", "cuda" or "auto";
-    `process_group` synchronises the batch statistics in training (nn.SyncBatchNorm).
+    `process_group` synchronises the batch statistics in training (nn.SyncBatchNorm);
+    `batch_stats` (mean, biased variance) of BN's input, when already computed (`conv_stats`,
+    `bn_act_conv(return_stats=True)`): trusted, used instead of another pass over it when BN
+    uses batch statistics (gradients still flow through them to the BN input).
     """
     check_input(x)
     amp = _autocast_dtype(x)
@@ -123,7 +128,7 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
                 num_batches_tracked=num_batches_tracked, activation=activation,
                 negative_slope=negative_slope, residual=_same_dtype(residual, x.dtype),
                 stride=stride, padding=padding, dilation=dilation, groups=groups,
-                backend=backend, process_group=process_group)
+                backend=backend, process_group=process_group, batch_stats=batch_stats)
     if weight is None:
         cp, out_shape = _NO_CONV, tuple(x.shape)
         if bias is not None:
@@ -136,7 +141,9 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
     group = _sync_group(process_group, training)
     check_bn(x, out_shape[1], bn_weight, bn_bias, running_mean, running_var,
              num_batches_tracked, momentum, eps, training, out_shape, synced=group is not None)
+    check_batch_stats(batch_stats, x, out_shape[1], group is not None)
     check_residual(residual, x, out_shape)
+    z_mean, z_var = batch_stats if batch_stats is not None else (None, None)
     act = as_activation(activation, negative_slope)
     be = dispatch.select_for_call(Case("conv_bn_act", x.device.type, x.dtype,
                                        _channels_last(x), cp.groups, training), backend)
@@ -160,7 +167,8 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
                                         running_var, num_batches_tracked, residual, cp,
                                         c.training, c.momentum, c.eps, act)
         return ConvBNActFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean,
-                                       running_var, num_batches_tracked, residual, c)
+                                       running_var, num_batches_tracked, residual, c, z_mean,
+                                       z_var)
     # Inference: the op alone, keeping nothing for backward.
     if weight is not None and not training and running_mean is not None:
         return torch.ops.resfuse.conv_bn_act_infer(  # BN folded into the conv
@@ -170,7 +178,7 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
     return torch.ops.resfuse.conv_bn_act_fwd(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
         residual, list(c.stride), list(c.padding), list(c.dilation), c.groups, c.training,
-        c.momentum, c.eps, c.activation, c.negative_slope, c.backend, False)[0]
+        c.momentum, c.eps, c.activation, c.negative_slope, c.backend, False, z_mean, z_var)[0]
 
 
 def bn_act(x: Tensor, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
@@ -178,13 +186,15 @@ def bn_act(x: Tensor, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tens
            training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
            num_batches_tracked: Optional[Tensor] = None, activation: ActivationLike = "relu",
            negative_slope: Optional[float] = None, residual: Optional[Tensor] = None,
-           backend: Optional[str] = None, process_group=None) -> Tensor:
-    """act(bn(x) + residual): the scale-bias-add-activation op (timm's BatchNormAct2d)."""
+           backend: Optional[str] = None, process_group=None,
+           batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """act(bn(x) + residual): the scale-bias-add-activation op (timm's BatchNormAct2d).
+    `batch_stats`: x's (mean, biased variance), as for `conv_bn_act`."""
     return conv_bn_act(x, None, None, bn_weight, bn_bias, running_mean, running_var,
                        training=training, momentum=momentum, eps=eps,
                        num_batches_tracked=num_batches_tracked, activation=activation,
                        negative_slope=negative_slope, residual=residual, backend=backend,
-                       process_group=process_group)
+                       process_group=process_group, batch_stats=batch_stats)
 
 
 def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -194,8 +204,38 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
                 num_batches_tracked: Optional[Tensor] = None, activation: ActivationLike = "relu",
                 negative_slope: Optional[float] = None, residual: Optional[Tensor] = None,
                 stride=1, padding: Union[int, tuple, str] = 0, dilation=1, groups: int = 1,
-                backend: Optional[str] = None, process_group=None) -> Tensor:
-    """conv(act(bn(x)), weight, bias) + residual — the pre-activation form (ResNet v2)."""
+                backend: Optional[str] = None, process_group=None,
+                batch_stats: Optional[Tuple[Tensor, Tensor]] = None, return_stats: bool = False):
+    """conv(act(bn(x)), weight, bias) + residual — the pre-activation form (ResNet v2).
+
+    `batch_stats`: x's (mean, biased variance) when already computed, as for `conv_bn_act`.
+    `return_stats=True` returns (y, mean, var) with y's per-channel batch mean and biased
+    variance (not differentiable; for the next BN of a chain, which may take them as its
+    `batch_stats`), computed in the conv's epilogue where the backend can.
+    """
+    if not isinstance(return_stats, bool):
+        raise ResfuseInputError(f"return_stats: expected a bool, got {return_stats!r}")
+    out = _bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
+                       training, momentum, eps, num_batches_tracked, activation, negative_slope,
+                       residual, stride, padding, dilation, groups, backend, process_group,
+                       batch_stats, return_stats)
+    if not return_stats:
+        return out
+    return out if isinstance(out, tuple) else (out, *_batch_stats_of(out))
+
+
+def _batch_stats_of(y: Tensor) -> Tuple[Tensor, Tensor]:
+    """y's per-channel batch (mean, biased variance) in the statistics' dtype, not recorded
+    by autograd (for a path whose op does not compute them)."""
+    with torch.no_grad():
+        var, mean = torch.var_mean(y.to(acc_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def _bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, training,
+                 momentum, eps, num_batches_tracked, activation, negative_slope, residual, stride,
+                 padding, dilation, groups, backend, process_group, batch_stats, return_stats):
+    """`bn_act_conv`: y, or (y, mean, var) where the op computed y's statistics itself."""
     check_input(x)
     amp = _autocast_dtype(x)
     if amp is not None:
@@ -206,24 +246,23 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
             a = bn_act(x, bn_weight, bn_bias, running_mean, running_var, training=training,
                        momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
                        activation=activation, negative_slope=negative_slope, backend=backend,
-                       process_group=process_group)
+                       process_group=process_group, batch_stats=batch_stats)
             y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
             return y if residual is None else y.add_(_same_dtype(residual, y.dtype))
         weight, bias = _amp_cast(weight, amp), _amp_cast(bias, amp)
         with torch.autocast(x.device.type, enabled=False):
-            return bn_act_conv(
-                x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
-                training=training, momentum=momentum, eps=eps,
-                num_batches_tracked=num_batches_tracked, activation=activation,
-                negative_slope=negative_slope, residual=_same_dtype(residual, x.dtype),
-                stride=stride, padding=padding, dilation=dilation, groups=groups,
-                backend=backend, process_group=process_group)
+            return _bn_act_conv(
+                x, bn_weight, bn_bias, running_mean, running_var, weight, bias, training,
+                momentum, eps, num_batches_tracked, activation, negative_slope,
+                _same_dtype(residual, x.dtype), stride, padding, dilation, groups, backend,
+                process_group, batch_stats, return_stats)
     _check_weight_type(weight)
     cp = conv_params(weight, stride, padding, dilation, groups)
     c_out, oh, ow = check_conv(x, weight, bias, cp)
     group = _sync_group(process_group, training)
     check_bn(x, x.shape[1], bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
              momentum, eps, training, tuple(x.shape), synced=group is not None)
+    check_batch_stats(batch_stats, x, x.shape[1], group is not None)
     check_residual(residual, x, (x.shape[0], c_out, oh, ow))
     act = as_activation(activation, negative_slope)
     be = dispatch.select_for_call(Case("bn_act_conv", x.device.type, x.dtype,
@@ -247,14 +286,62 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     if group is not None:
         return SyncBNActConvFunction.apply(x, bn_weight, bn_bias, running_mean, running_var,
                                            num_batches_tracked, weight, bias, residual, c, group)
+    x_mean, x_var = batch_stats if batch_stats is not None else (None, None)
     if _needs_grad(x, weight, bias, bn_weight, bn_bias, residual):
-        if be.autograd_chain:
+        if be.autograd_chain:  # (computes x's statistics in its own batch-norm pass)
             return be.bn_act_conv_chain(x, bn_weight, bn_bias, running_mean, running_var,
                                         num_batches_tracked, weight, bias, residual, cp,
                                         c.training, c.momentum, c.eps, act)
         return BNActConvFunction.apply(x, bn_weight, bn_bias, running_mean, running_var,
-                                       num_batches_tracked, weight, bias, residual, c)
-    return torch.ops.resfuse.bn_act_conv_fwd(
+                                       num_batches_tracked, weight, bias, residual, c, x_mean,
+                                       x_var, return_stats)
+    y, _, _, _, y_mean, y_var = torch.ops.resfuse.bn_act_conv_fwd(
         x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias,
         residual, list(c.stride), list(c.padding), list(c.dilation), c.groups, c.training,
-        c.momentum, c.eps, c.activation, c.negative_slope, c.backend, False)[0]
+        c.momentum, c.eps, c.activation, c.negative_slope, c.backend, False, x_mean, x_var,
+        return_stats)
+    return (y, y_mean, y_var) if return_stats else y
+
+
+def conv_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride=1,
+               padding: Union[int, tuple, str] = 0, dilation=1, groups: int = 1,
+               backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(z, mean, var): z = conv2d(x, weight, bias) and its per-channel batch mean and biased
+    variance (fp32; fp64 for fp64 data; not differentiable), from the conv's epilogue where
+    the backend can — the head of a block's chain, whose next op (`bn_act_conv` or `bn_act`
+    with `batch_stats=(mean, var)`) applies the BN without another pass over z."""
+    check_input(x)
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        x, weight, bias = _amp_cast(x, amp), _amp_cast(weight, amp), _amp_cast(bias, amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return conv_stats(x, weight, bias, stride=stride, padding=padding,
+                              dilation=dilation, groups=groups, backend=backend)
+    _check_weight_type(weight)
+    cp = conv_params(weight, stride, padding, dilation, groups)
+    check_conv(x, weight, bias, cp)
+    be = dispatch.select_for_call(Case("conv_bn_act", x.device.type, x.dtype,
+                                       _channels_last(x), cp.groups, True), backend)
+    x = _pre_pad(x, cp)
+    if x.shape[0] == 0 or be.autograd_chain:
+        z = F.conv2d(x, weight, bias, cp.stride, cp.padding, cp.dilation, cp.groups)
+        return (z, *_batch_stats_of(z))
+    c = OpConfig(cp.stride, cp.padding, cp.dilation, cp.groups, backend=be.name)
+    if _needs_grad(x, weight, bias):
+        return ConvStatsFunction.apply(x, weight, bias, c)
+    return tuple(torch.ops.resfuse.conv_stats_fwd(x, weight, bias, list(c.stride),
+                                                  list(c.padding), list(c.dilation), c.groups,
+                                                  c.backend))
+
+
+def fuses_block_chain(x: Tensor, backend: Optional[str] = None) -> bool:
+    """Whether the backend that runs x's ops applies BN + activation in its convolutions'
+    prologue, so that a residual block in training is best run as DESIGN.md's chain
+    (`conv_stats`, then `bn_act_conv(batch_stats=..., return_stats=True)` per conv, then
+    `bn_act(batch_stats=..., residual=...)`): no normalized activation is ever written."""
+    try:
+        be = dispatch.select_for_call(Case("bn_act_conv", x.device.type, x.dtype,
+                                           _channels_last(x), 1, True), backend)
+    except BackendUnavailable:
+        return False  # the ops themselves say why, with the error of a forced backend
+    return be.conv_prologue

@@ -249,7 +249,57 @@ class FusedResidualBlock(reference.ResidualBlock):
             return conv_bn_act_modules(x, layers[-2], layers[-1], None, backend=self.backend)
         return ds(x)
 
+    def _runs_chain(self, x: Tensor) -> bool:
+        """Whether this call runs as DESIGN.md's chain (`_chain_forward`): every BN uses batch
+        statistics without synchronisation, every conv pads with zeros, the batch is not
+        empty, and the backend applies BN + activation in its convs' prologue."""
+        for conv, bn in self._pairs():
+            if conv.padding_mode != "zeros" or _sync_group(bn) is not None:
+                return False
+            if not (bn.training or bn.running_mean is None):
+                return False  # running statistics: the folded or plain per-layer ops
+        return x.shape[0] > 0 and RF.fuses_block_chain(x, self.backend)
+
+    def _chain_forward(self, x: Tensor) -> Tensor:
+        """The block as one chain (DESIGN.md section 1): each conv computes its output's batch
+        statistics in its epilogue, and the next conv applies that BN + activation as it
+        loads its input (prologue), so no normalized activation is written; the last BN,
+        the residual add and the activation are one pass. Same results and side effects as
+        the per-layer ops."""
+        act, be = self.activation, self.backend
+        pairs = self._pairs()
+        (conv1, bn1), rest = pairs[0], pairs[1:]
+        if self.preact:
+            if self.downsample is None:
+                shortcut = x
+                z, m, v = RF.bn_act_conv(x, **_bn_args(bn1), **_conv_args(conv1, x)[1],
+                                         activation=act, backend=be, return_stats=True)
+            else:  # the projection reads act(bn1(x)) too: normalize once, convolve twice
+                a = RF.bn_act(x, **_bn_args(bn1), activation=act, backend=be)
+                shortcut = self._shortcut(x, a)
+                z, m, v = RF.conv_stats(a, **_conv_args(conv1, a)[1], backend=be)
+            for i, (conv, bn) in enumerate(rest):
+                last = i == len(rest) - 1
+                out = RF.bn_act_conv(z, **_bn_args(bn), **_conv_args(conv, z)[1],
+                                     activation=act, backend=be, batch_stats=(m, v),
+                                     residual=shortcut if last else None, return_stats=not last)
+                if last:
+                    return out
+                z, m, v = out
+        shortcut = self._shortcut(x)
+        z, m, v = RF.conv_stats(x, **_conv_args(conv1, x)[1], backend=be)
+        prev_bn = bn1
+        for conv, bn in rest:
+            z, m, v = RF.bn_act_conv(z, **_bn_args(prev_bn), **_conv_args(conv, z)[1],
+                                     activation=act, backend=be, batch_stats=(m, v),
+                                     return_stats=True)
+            prev_bn = bn
+        return RF.bn_act(z, **_bn_args(prev_bn), activation=act, residual=shortcut, backend=be,
+                         batch_stats=(m, v))
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._runs_chain(x):
+            return self._chain_forward(x)
         act, be = self.activation, self.backend
         pairs = self._pairs()
         if self.preact:

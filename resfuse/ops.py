@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from . import backend as dispatch
 from .activations import Activation
-from .backend.base import acc_dtype, bn_scale_shift, per_channel
+from .backend.base import InputPrologue, acc_dtype, bn_scale_shift
 from .folding import folded
 from .validation import ConvParams
 
@@ -71,6 +71,12 @@ def _empty(t: Tensor) -> Tensor:
     return t.new_empty(0)
 
 
+def _not_aliasing(t: Tensor, *inputs: Optional[Tensor]) -> Tensor:
+    """t, or a copy of it where it is one of `inputs` (op outputs may not alias inputs: given
+    batch statistics come back as the statistics BN used)."""
+    return t.clone() if any(t is i for i in inputs) else t
+
+
 def _or_empty(like: Tensor, *ts: Optional[Tensor]) -> Tuple[Tensor, ...]:
     """Each None as its own empty tensor (op outputs may not alias one another)."""
     return tuple(_empty(like) if t is None else t for t in ts)
@@ -82,25 +88,30 @@ def _or_empty(like: Tensor, *ts: Optional[Tensor]) -> Tuple[Tensor, ...]:
      "Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
      "Tensor(c!)? num_batches_tracked, Tensor? residual, int[] stride, int[] padding, "
      "int[] dilation, int groups, bool training, float? momentum, float eps, str activation, "
-     "float negative_slope, str backend, bool save_for_backward) "
-     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+     "float negative_slope, str backend, bool save_for_backward, Tensor? z_mean=None, "
+     "Tensor? z_var=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def conv_bn_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     num_batches_tracked: Optional[Tensor], residual: Optional[Tensor],
                     stride: List[int], padding: List[int], dilation: List[int], groups: int,
                     training: bool, momentum: Optional[float], eps: float, activation: str,
-                    negative_slope: float, backend: str, save_for_backward: bool
+                    negative_slope: float, backend: str, save_for_backward: bool,
+                    z_mean: Optional[Tensor] = None, z_var: Optional[Tensor] = None
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, z, mean, invstd, u): z (the conv output), mean/invstd (what BN used) and
     u (what the backend's `forward_saves` names: the pre-activation, or a packed 1-bit mask)
-    only when `save_for_backward`; z only when there is a conv."""
+    only when `save_for_backward`; z only when there is a conv. `z_mean`, `z_var`: z's batch
+    mean and biased variance already computed (the op before it in a block's chain), used
+    when BN uses batch statistics instead of another pass over z."""
     be = dispatch.get(backend)
     act = Activation(activation, negative_slope)
     p = _params(stride, padding, dilation, groups)
     stats = None
-    if weight is None:
-        z = x
+    if z_mean is not None and z_var is not None and (training or running_mean is None):
+        stats = (z_mean, z_var)
+    if stats is not None or weight is None:
+        z = x if weight is None else be.conv(x, weight, bias, p)
     elif training or running_mean is None:  # batch statistics: from the conv's epilogue if it can
         z, stats = be.conv_stats(x, weight, bias, p)
     else:
@@ -111,14 +122,14 @@ def conv_bn_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                                            **({} if stats is None else {"batch_stats": stats}))
     if not save_for_backward:
         return y, _empty(x), _empty(x), _empty(x), _empty(x)
-    return (y, z if weight is not None else _empty(x), mean, invstd,
+    return (y, z if weight is not None else _empty(x), _not_aliasing(mean, z_mean), invstd,
             u if u is not None else _empty(x))
 
 
 @conv_bn_act_fwd.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
       residual, stride, padding, dilation, groups, training, momentum, eps, activation,
-      negative_slope, backend, save_for_backward):
+      negative_slope, backend, save_for_backward, z_mean=None, z_var=None):
     z = x if weight is None else torch.ops.aten.convolution(
         x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
     y = torch.empty_like(z)
@@ -178,25 +189,16 @@ def conv_bn_act_bwd(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], z: Tens
     activation's backward reads (output y or pre-activation u). BN parameter gradients come
     in the statistics' dtype."""
     be = dispatch.get(backend)
-    act = Activation(activation, negative_slope)
-    p = _params(stride, padding, dilation, groups)
+    g_x, g_w, g_b, g_bnw, g_bnb, g_res = be.conv_bn_act_backward(
+        grad_y, saved, x, weight, z, mean, invstd, bn_weight, use_batch_stats,
+        Activation(activation, negative_slope), _params(stride, padding, dilation, groups),
+        has_bias, output_mask)
+    if g_res is not None and g_res is grad_y:
+        g_res = g_res.clone()  # an op output must not alias an input
     m_x, m_w, m_b, m_bnw, m_bnb, m_res = output_mask
-    need_gz = m_x or m_w or m_b
-    g_u, g_z, g_bnw, g_bnb = be.bn_act_backward(grad_y, saved, z, mean, invstd, bn_weight,
-                                                use_batch_stats, act, need_gz, m_bnw or m_bnb,
-                                                need_gu=m_res)
-    g_x = g_w = g_b = None
-    if need_gz:
-        if weight is None:
-            g_x = g_z
-        else:
-            g_x, g_w, g_b = be.conv_backward(g_z, x, weight, has_bias, p, [m_x, m_w, m_b and has_bias])
-    g_res = None
-    if m_res:
-        g_res = g_u.clone() if g_u is grad_y else g_u  # an op output must not alias an input
     return _or_empty(grad_y, g_x if m_x else None, g_w if m_w else None,
                      g_b if (m_b and has_bias) else None, g_bnw if m_bnw else None,
-                     g_bnb if m_bnb else None, g_res)
+                     g_bnb if m_bnb else None, g_res if m_res else None)
 
 
 @conv_bn_act_bwd.register_fake
@@ -221,21 +223,23 @@ class ConvBNActFunction(torch.autograd.Function):
     """y = act(bn(conv(x, weight, bias)) + residual), with `weight=None` meaning no conv.
 
     `ConvBNActFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-    num_batches_tracked, residual, config)` with `config` an `OpConfig`. Arguments are not
-    checked here; `resfuse.functional.conv_bn_act` checks them and picks the backend. Not
+    num_batches_tracked, residual, config[, z_mean, z_var])` with `config` an `OpConfig`;
+    `z_mean`, `z_var`: the batch statistics of the BN input when already computed (a block's
+    chain: `ConvStatsFunction`, `BNActConvFunction` with `out_stats`), then trusted and treated
+    as functions of that input in the backward. Arguments are not checked here; `resfuse.functional.conv_bn_act` checks them and picks the backend. Not
     twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                num_batches_tracked, residual, config: OpConfig):
+                num_batches_tracked, residual, config: OpConfig, z_mean=None, z_var=None):
         c = config
         n = ctx.needs_input_grad
         save = any(n[:5]) or n[8]
         y, z, mean, invstd, u = torch.ops.resfuse.conv_bn_act_fwd(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
             residual, list(c.stride), list(c.padding), list(c.dilation), c.groups, c.training,
-            c.momentum, c.eps, c.activation, c.negative_slope, c.backend, save)
+            c.momentum, c.eps, c.activation, c.negative_slope, c.backend, save, z_mean, z_var)
         if save:
             saves = dispatch.get(c.backend).forward_saves(Activation(c.activation, c.negative_slope))
             saved = y if saves == "output" else (u if saves in ("input", "mask") else None)
@@ -259,7 +263,7 @@ class ConvBNActFunction(torch.autograd.Function):
             c.negative_slope, c.backend, bias is not None, mask)
         g_x, g_w, g_b, g_bnw, g_bnb, g_res = (t if m else None for t, m in zip(g, mask))
         return (g_x, g_w, g_b, _param_grad(g_bnw, bn_weight, mask[3]),
-                _param_grad(g_bnb, bn_bias, mask[4]), None, None, None, g_res, None)
+                _param_grad(g_bnb, bn_bias, mask[4]), None, None, None, g_res, None, None, None)
 
 
 # ============================================================== bn -> act -> conv (+res)
@@ -268,29 +272,36 @@ class ConvBNActFunction(torch.autograd.Function):
      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
      "Tensor weight, Tensor? bias, Tensor? residual, int[] stride, int[] padding, "
      "int[] dilation, int groups, bool training, float? momentum, float eps, str activation, "
-     "float negative_slope, str backend, bool save_for_backward) "
-     "-> (Tensor, Tensor, Tensor, Tensor)")
+     "float negative_slope, str backend, bool save_for_backward, Tensor? x_mean=None, "
+     "Tensor? x_var=None, bool out_stats=False) "
+     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def bn_act_conv_fwd(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     num_batches_tracked: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                     residual: Optional[Tensor], stride: List[int], padding: List[int],
                     dilation: List[int], groups: int, training: bool, momentum: Optional[float],
                     eps: float, activation: str, negative_slope: float, backend: str,
-                    save_for_backward: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, a, mean, invstd); a = act(bn(x)) (the conv's input) and the statistics
-    only when `save_for_backward`."""
+                    save_for_backward: bool, x_mean: Optional[Tensor] = None,
+                    x_var: Optional[Tensor] = None, out_stats: bool = False
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, a, mean, invstd, y_mean, y_var): a = act(bn(x)) (the conv's input) when
+    saving and the backend wrote it (else empty: the backward recomputes it), the statistics
+    BN used when saving, and y's batch mean and biased variance when `out_stats` (for the
+    next BN of a block's chain). `x_mean`, `x_var`: x's batch statistics already computed."""
     be = dispatch.get(backend)
     act = Activation(activation, negative_slope)
     p = _params(stride, padding, dilation, groups)
+    given = None
+    if x_mean is not None and x_var is not None and (training or running_mean is None):
+        given = (x_mean, x_var)
+    y, a, mean, invstd, stats = be.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var,
+                                               num_batches_tracked, training, momentum, eps,
+                                               given, act, weight, bias, residual, p, out_stats)
+    y_mean, y_var = stats if stats is not None else (_empty(x), _empty(x))
     if not save_for_backward:
-        y = be.bn_act_conv_unsaved(x, bn_weight, bn_bias, running_mean, running_var,
-                                   num_batches_tracked, training, momentum, eps, weight, bias,
-                                   residual, act, p)
-        return y, _empty(x), _empty(x), _empty(x)
-    a, mean, invstd, _ = be.bn_act_forward(x, bn_weight, bn_bias, running_mean, running_var,
-                                           num_batches_tracked, training, momentum, eps, None,
-                                           act, False)
-    return conv_add_outputs(be, x, a, mean, invstd, weight, bias, residual, p, save_for_backward)
+        return y, _empty(x), _empty(x), _empty(x), y_mean, y_var
+    return (y, (a if a is not None else _empty(x)), _not_aliasing(mean, x_mean), invstd, y_mean,
+            y_var)
 
 
 def conv_add_outputs(be, x: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
@@ -319,20 +330,19 @@ def bn_act_conv_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
 @bn_act_conv_fwd.register_fake
 def _(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias,
       residual, stride, padding, dilation, groups, training, momentum, eps, activation,
-      negative_slope, backend, save_for_backward):
-    return bn_act_conv_fake(x, weight, bias, stride, padding, dilation, groups, save_for_backward)
+      negative_slope, backend, save_for_backward, x_mean=None, x_var=None, out_stats=False):
+    y, a, mean, invstd = bn_act_conv_fake(x, weight, bias, stride, padding, dilation, groups,
+                                          save_for_backward)
+    if save_for_backward and dispatch.get(backend).conv_prologue:
+        a = _empty(x)  # recomputed by the backward
+    stats = y.new_empty(y.shape[1], dtype=acc_dtype(x.dtype)) if out_stats else _empty(x)
+    return y, a, mean, invstd, stats, (torch.empty_like(stats) if out_stats else _empty(x))
 
 
 def preact_saved(act: Activation, x: Tensor, a: Tensor, mean: Tensor, invstd: Tensor,
                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]) -> Optional[Tensor]:
-    """What the activation's backward reads in the pre-activation form: a = act(bn(x)) itself,
-    or the pre-activation bn(x), recomputed rather than stored (one tensor less to keep)."""
-    if act.saves == "output":
-        return a
-    if act.saves == "input":
-        scale, shift = bn_scale_shift(mean, invstd, bn_weight, bn_bias)
-        return torch.addcmul(per_channel(shift), x, per_channel(scale)).to(x.dtype)
-    return None
+    """`Backend.preact_saved` of the torch-op pieces (the synchronised ops' backward)."""
+    return dispatch.get("pieces").preact_saved(act, x, a, mean, invstd, bn_weight, bn_bias)
 
 
 @_op("bn_act_conv_bwd(Tensor grad_y, Tensor x, Tensor a, Tensor weight, Tensor mean, "
@@ -352,10 +362,18 @@ def bn_act_conv_bwd(grad_y: Tensor, x: Tensor, a: Tensor, weight: Tensor, mean: 
     p = _params(stride, padding, dilation, groups)
     m_x, m_bnw, m_bnb, m_w, m_b = output_mask
     need_ga = m_x or m_bnw or m_bnb
-    g_a, g_w, g_b = be.conv_backward(grad_y, a, weight, has_bias, p, [need_ga, m_w, m_b and has_bias])
+    written = a.numel() == x.numel()
+    prologue = None
+    if not written:
+        # The forward applied BN + activation in the conv's prologue and never wrote
+        # a = act(bn(x)): the weight gradient takes x with the same prologue.
+        prologue = InputPrologue(*bn_scale_shift(mean, invstd, bn_weight, bn_bias), act)
+    g_a, g_w, g_b = be.conv_backward(grad_y, a if written else x, weight, has_bias, p,
+                                     [need_ga, m_w, m_b and has_bias], prologue)
     g_x = g_bnw = g_bnb = None
     if need_ga:
-        saved = preact_saved(act, x, a, mean, invstd, bn_weight, bn_bias)
+        saved = be.preact_saved(act, x, a if written else None, mean, invstd, bn_weight,
+                                bn_bias)
         _, g_x, g_bnw, g_bnb = be.bn_act_backward(g_a, saved, x, mean, invstd, bn_weight,
                                                   use_batch_stats, act, m_x, m_bnw or m_bnb,
                                                   need_gu=False)
@@ -379,29 +397,36 @@ class BNActConvFunction(torch.autograd.Function):
     """y = conv(act(bn(x)), weight, bias) + residual (pre-activation).
 
     `BNActConvFunction.apply(x, bn_weight, bn_bias, running_mean, running_var,
-    num_batches_tracked, weight, bias, residual, config)` with `config` an `OpConfig`.
-    Arguments as for `ConvBNActFunction`. Not twice differentiable.
+    num_batches_tracked, weight, bias, residual, config[, x_mean, x_var, out_stats])` with
+    `config` an `OpConfig`; `x_mean`, `x_var` as `ConvBNActFunction`'s `z_mean`, `z_var`;
+    `out_stats=True` returns (y, y_mean, y_var), y's batch statistics (not differentiable:
+    the next op's backward accounts for them). Arguments as for `ConvBNActFunction`. Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                weight, bias, residual, config: OpConfig):
+                weight, bias, residual, config: OpConfig, x_mean=None, x_var=None,
+                out_stats=False):
         c = config
         n = ctx.needs_input_grad
         save = any(n[:3]) or n[6] or n[7]
-        y, a, mean, invstd = torch.ops.resfuse.bn_act_conv_fwd(
+        y, a, mean, invstd, y_mean, y_var = torch.ops.resfuse.bn_act_conv_fwd(
             x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias,
             residual, list(c.stride), list(c.padding), list(c.dilation), c.groups, c.training,
-            c.momentum, c.eps, c.activation, c.negative_slope, c.backend, save)
+            c.momentum, c.eps, c.activation, c.negative_slope, c.backend, save, x_mean, x_var,
+            bool(out_stats))
         if save:
             ctx.save_for_backward(x, a, weight, mean, invstd, bn_weight, bn_bias, bias)
             ctx.config = c
             ctx.use_batch_stats = c.training or running_mean is None
-        return y
+        if not out_stats:
+            return y
+        ctx.mark_non_differentiable(y_mean, y_var)
+        return y, y_mean, y_var
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, *_stats_grads):
         n = ctx.needs_input_grad
         g_x = g_bnw = g_bnb = g_w = g_b = None
         if any(n[:3]) or n[6] or n[7]:
@@ -417,4 +442,86 @@ class BNActConvFunction(torch.autograd.Function):
             g_bnw = _param_grad(g_bnw, bn_weight, mask[1])
             g_bnb = _param_grad(g_bnb, bn_bias, mask[2])
         g_res = grad_y if n[8] else None
-        return g_x, g_bnw, g_bnb, None, None, None, g_w, g_b, g_res, None
+        return g_x, g_bnw, g_bnb, None, None, None, g_w, g_b, g_res, None, None, None, None
+
+
+# ============================================================== conv (+ its output's statistics)
+
+@_op("conv_stats_fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+     "int[] dilation, int groups, str backend) -> (Tensor, Tensor, Tensor)")
+def conv_stats_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+                   padding: List[int], dilation: List[int], groups: int, backend: str
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(z, mean, var): z = conv(x, weight, bias) and its per-channel batch mean and biased
+    variance (fp32, fp64 for fp64 data), from the conv's epilogue where the backend can: the
+    head of a residual block's chain, whose next op applies the BN."""
+    be = dispatch.get(backend)
+    z, stats = be.conv_stats(x, weight, bias, _params(stride, padding, dilation, groups))
+    mean, var = stats if stats is not None else be.bn_stats(z)
+    return z, mean, var
+
+
+@conv_stats_fwd.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, backend):
+    z = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0],
+                                   groups)
+    stats = x.new_empty(z.shape[1], dtype=acc_dtype(x.dtype))
+    return torch.empty_like(z), stats, torch.empty_like(stats)
+
+
+@_op("conv_bwd(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, "
+     "int[] dilation, int groups, str backend, bool has_bias, bool[] output_mask) "
+     "-> (Tensor, Tensor, Tensor)")
+def conv_bwd(grad: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+             dilation: List[int], groups: int, backend: str, has_bias: bool,
+             output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients (x, weight, bias) of the conv; empty where `output_mask` is False."""
+    m_x, m_w, m_b = output_mask
+    g_x, g_w, g_b = dispatch.get(backend).conv_backward(
+        grad, x, weight, has_bias, _params(stride, padding, dilation, groups),
+        [m_x, m_w, m_b and has_bias])
+    return _or_empty(grad, g_x if m_x else None, g_w if m_w else None,
+                     g_b if (m_b and has_bias) else None)
+
+
+@conv_bwd.register_fake
+def _(grad, x, weight, stride, padding, dilation, groups, backend, has_bias, output_mask):
+    m_x, m_w, m_b = output_mask
+    return _or_empty(grad, torch.empty_like(x) if m_x else None,
+                     torch.empty_like(weight) if m_w else None,
+                     grad.new_empty(weight.shape[0]) if (m_b and has_bias) else None)
+
+
+class ConvStatsFunction(torch.autograd.Function):
+    """(z, mean, var) = (conv(x, weight, bias), z's per-channel batch mean and biased variance).
+
+    `ConvStatsFunction.apply(x, weight, bias, config)`; only `config`'s conv fields and
+    backend are read. mean and var are not differentiable: they are for the next op of a
+    block's chain (`BNActConvFunction` / `ConvBNActFunction` given them), whose backward
+    treats them as functions of z.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, config: OpConfig):
+        c = config
+        z, mean, var = torch.ops.resfuse.conv_stats_fwd(
+            x, weight, bias, list(c.stride), list(c.padding), list(c.dilation), c.groups,
+            c.backend)
+        ctx.mark_non_differentiable(mean, var)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(x, weight, bias)
+            ctx.config = c
+        return z, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z, *_stats_grads):
+        x, weight, bias = ctx.saved_tensors
+        c = ctx.config
+        n = ctx.needs_input_grad
+        mask = [n[0], n[1], n[2] and bias is not None]
+        g = torch.ops.resfuse.conv_bwd(grad_z, x, weight, list(c.stride), list(c.padding),
+                                       list(c.dilation), c.groups, c.backend, bias is not None,
+                                       mask)
+        g_x, g_w, g_b = (t if m else None for t, m in zip(g, mask))
+        return g_x, g_w, g_b, None

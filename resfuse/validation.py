@@ -179,3 +179,27 @@ def check_residual(residual, x, out_shape):
     if residual is not None:
         _check_tensor("residual", residual, x, out_shape)
 
+
+
+def check_batch_stats(batch_stats, x, channels: int, synced: bool):
+    """`batch_stats`: None, or (mean, biased variance) of the BN input per channel, in the
+    statistics' dtype (float64 for float64 data, else float32), as `conv_stats` returns them."""
+    if batch_stats is None:
+        return
+    if synced:
+        _fail("batch_stats: not with a synchronised BN (process_group): the statistics are "
+              "combined across processes inside the op")
+    if not isinstance(batch_stats, (tuple, list)) or len(batch_stats) != 2:
+        _fail("batch_stats: expected a pair (mean, var) of tensors, got "
+              f"{type(batch_stats).__name__}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for name, t in zip(("batch_stats[0] (mean)", "batch_stats[1] (var)"), batch_stats):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name}: expected a Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            _fail(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
+        if t.dtype != acc:
+            _fail(f"{name}: expected dtype {acc} (the statistics' dtype for {x.dtype} data), "
+                  f"got {t.dtype}")
+        if tuple(t.shape) != (channels,):
+            _fail(f"{name}: expected shape ({channels},), got {tuple(t.shape)}")

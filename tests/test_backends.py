@@ -124,7 +124,7 @@ def test_opcheck_backward_and_inference_ops(backend):
         test_utils=("test_schema", "test_faketensor"))
     xa = torch.randn(2, 4, 6, 6)
     w2 = torch.randn(3, 4, 3, 3)
-    y2, a, mean2, invstd2 = torch.ops.resfuse.bn_act_conv_fwd(
+    y2, a, mean2, invstd2, _, _ = torch.ops.resfuse.bn_act_conv_fwd(
         xa, bw, bb, None, None, None, w2, None, None, [1, 1], [1, 1], [1, 1], 1, True, 0.1, 1e-5,
         "gelu", 0.01, backend, True)
     torch.library.opcheck(

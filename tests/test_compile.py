@@ -44,12 +44,33 @@ def test_opcheck_fused_ops_all_checks(save):
     _opcheck(torch.ops.resfuse.conv_bn_act_bwd.default,
              (torch.randn_like(y), x, w, z, u, mean, invstd, bw, P1, P1, P1, 1, True, "silu",
               0.01, "pieces", False, [True, True, False, True, True, save]))
-    y2, a, mean2, invstd2 = torch.ops.resfuse.bn_act_conv_fwd(
+    y2, a, mean2, invstd2, _, _ = torch.ops.resfuse.bn_act_conv_fwd(
         xa, bw, bb, None, None, None, w2, None, None, P1, P1, P1, 1, True, 0.1, 1e-5, "gelu",
         0.01, "pieces", True)
     _opcheck(torch.ops.resfuse.bn_act_conv_bwd.default,
              (torch.randn_like(y2), xa, a, w2, mean2, invstd2, bw, bb, P1, P1, P1, 1, True, "gelu",
               0.01, "pieces", True, [True, True, True, True, save]))
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck_chain_ops_all_checks(save):
+    """The ops of a block's chain: the conv with its output's statistics, and the ops given
+    their input's statistics (and returning their output's)."""
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    bw, bb = torch.rand(4) + 0.5, torch.randn(4)
+    _opcheck(torch.ops.resfuse.conv_stats_fwd.default, (x, w, torch.randn(4), P1, P1, P1, 1,
+                                                        "pieces"))
+    z, m, v = torch.ops.resfuse.conv_stats_fwd(x, w, None, P1, P1, P1, 1, "pieces")
+    _opcheck(torch.ops.resfuse.conv_bwd.default,
+             (torch.randn_like(z), x, w, P1, P1, P1, 1, "pieces", True, [True, save, True]))
+    w2 = torch.randn(5, 4, 3, 3)
+    _opcheck(torch.ops.resfuse.bn_act_conv_fwd.default,
+             (z, bw, bb, torch.zeros(4), torch.ones(4), torch.tensor(0), w2, None, None, P1, P1,
+              P1, 1, True, 0.1, 1e-5, "relu", 0.01, "pieces", save, m, v, True))
+    _opcheck(torch.ops.resfuse.conv_bn_act_fwd.default,
+             (z, None, None, bw, bb, torch.zeros(4), torch.ones(4), torch.tensor(0),
+              torch.randn_like(z), P1, P0, P1, 1, True, 0.1, 1e-5, "relu", 0.01, "pieces", save,
+              m, v))
 
 
 def test_opcheck_sync_ops_all_checks():

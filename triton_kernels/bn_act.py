@@ -23,8 +23,10 @@ import triton.language as tl
 
 from .conv import _act, _on_device
 
-# What the forward keeps for backward.
-SAVE_NONE, SAVE_MASK, SAVE_INPUT, SAVE_OUTPUT = range(4)
+# What the forward keeps for backward; SAVE_RECOMPUTE: nothing, u = z * scale + shift is
+# recomputed from z with the [2, C] (scale; shift) passed as `saved` (the pre-activation op,
+# whose forward applied BN + activation in its conv's prologue).
+SAVE_NONE, SAVE_MASK, SAVE_INPUT, SAVE_OUTPUT, SAVE_RECOMPUTE = range(5)
 _ROWS = 64  # rows (outer x inner positions) per program and step
 _CHANNELS = 32
 
@@ -94,11 +96,34 @@ def _apply_kernel(z_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, saved_ptr, TOTAL, N
 
 
 @triton.jit
-def _grad_u(g_ptr, saved_ptr, idx, ok, ACT: tl.constexpr, SAVE: tl.constexpr,
+def _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, c, C, ACT: tl.constexpr, SAVE: tl.constexpr,
             SLOPE: tl.constexpr, acc_t):
-    """act'(u) * grad_y for elements idx, from the mask, u or y."""
+    """act'(u) * grad_y for elements idx (channels c, idx's shape), from the mask, u or y, or
+    u recomputed from z (SAVE_RECOMPUTE)."""
     g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(acc_t)
-    if SAVE == 1:
+    if SAVE == 4:
+        sc = tl.load(saved_ptr + c, mask=ok, other=0.0)
+        sh = tl.load(saved_ptr + C + c, mask=ok, other=0.0)
+        z = tl.load(z_ptr + idx, mask=ok, other=0.0)
+        # BN's output as the forward's prologue rounded it.
+        u = (z.to(sc.dtype) * sc + sh).to(z_ptr.dtype.element_ty).to(acc_t)
+        if ACT == 1:
+            g = tl.where(u <= 0, 0.0, g)
+        elif ACT == 2:
+            g = tl.where(u > 0, g, g * SLOPE)
+        elif ACT == 3:
+            sig = 1.0 / (1.0 + tl.exp(-u))
+            g = g * sig * (1.0 + u * (1.0 - sig))
+        elif ACT == 4:
+            cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+            pdf = 0.3989422804014327 * tl.exp(-0.5 * u * u)
+            g = g * (cdf + u * pdf)
+        elif ACT == 5:
+            inner = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+            t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+            g = g * (0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654
+                     * (1.0 + 0.134145 * u * u))
+    elif SAVE == 1:
         word = tl.load(saved_ptr + idx // 32, mask=ok, other=0)
         pos = ((word >> (idx % 32).to(tl.int32)) & 1) != 0
         if ACT == 1:
@@ -152,7 +177,9 @@ def _channel_sums_kernel(z_ptr, ref_ptr, g_ptr, saved_ptr, gu_ptr, s1_ptr, s2_pt
         if STATS:
             a = d
         else:
-            a = tl.where(ok, _grad_u(g_ptr, saved_ptr, idx, ok, ACT, SAVE, SLOPE, acc_t), 0.0)
+            c2 = c[None, :] + tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+            a = tl.where(ok, _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, c2, C, ACT, SAVE, SLOPE,
+                                     acc_t), 0.0)
             if WRITE_GU:
                 tl.store(gu_ptr + idx, a.to(gu_ptr.dtype.element_ty), mask=ok)
         s1 += tl.sum(a, 0)
@@ -173,7 +200,7 @@ def _bwd_apply_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, gz_ptr, TOTAL
     ok = idx < TOTAL
     c = ((idx // INNER) % C).to(tl.int32)
     acc_t = tl.float64 if ACC_FP64 else tl.float32
-    gu = _grad_u(g_ptr, saved_ptr, idx, ok, ACT, SAVE, SLOPE, acc_t)
+    gu = _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, c, C, ACT, SAVE, SLOPE, acc_t)
     a = tl.load(coef_ptr + c, mask=ok, other=0.0).to(acc_t)
     if SCALE_ONLY:
         gz = a * gu

@@ -66,6 +66,14 @@ def bn_scale_shift(mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
     return scale, shift
 
 
+class InputPrologue(NamedTuple):
+    """A conv whose input is act(x * scale + shift) per channel (the pre-activation op's
+    BN + activation): a backend applies it as it loads x, or writes it first."""
+    scale: Tensor
+    shift: Tensor
+    act: Activation
+
+
 def per_channel(v: Tensor) -> Tensor:
     """(C,) -> (1, C, 1, 1) for broadcasting over NCHW in any memory format."""
     return v.view(1, -1, 1, 1)
@@ -98,6 +106,10 @@ def finalize_stats(mean: Tensor, var: Tensor, count, eps: float, running_mean: O
 
 class Backend:
     name = "pieces"
+    # True for a backend whose conv applies BN + activation to its input as it loads it
+    # (`bn_act_conv` never writes act(bn(x))): a residual block in training then runs as the
+    # chain of DESIGN.md section 1 (`resfuse.functional.fuses_block_chain`).
+    conv_prologue = False
     # True for a backend whose training forward is a chain of differentiable torch ops
     # (`conv_bn_act_chain` / `bn_act_conv_chain`) rather than the custom autograd Function.
     autograd_chain = False
@@ -203,20 +215,32 @@ class Backend:
         scale, shift = bn_scale_shift(mean, invstd, bn_weight, bn_bias)
         return mean, invstd, scale, shift
 
-    def bn_act_conv_unsaved(self, x: Tensor, bn_weight: Optional[Tensor],
-                            bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
-                            running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
-                            training: bool, momentum: Optional[float], eps: float,
-                            weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-                            act: Activation, p: ConvParams) -> Tensor:
-        """y = conv(act(bn(x))) + residual when nothing is kept for backward (inference): a
-        backend whose conv applies BN + activation as it loads (prologue) never writes
-        act(bn(x))."""
-        a, _, _, _ = self.bn_act_forward(x, bn_weight, bn_bias, running_mean, running_var,
-                                         num_batches_tracked, training, momentum, eps, None,
-                                         act, False)
-        y = self.conv(a, weight, bias, p)
-        return y if residual is None else y.add_(residual)
+    def bn_act_conv(self, x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                    running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    num_batches_tracked: Optional[Tensor], training: bool,
+                    momentum: Optional[float], eps: float,
+                    batch_stats: Optional[Tuple[Tensor, Tensor]], act: Activation,
+                    weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                    p: ConvParams, out_stats: bool = False):
+        """y = conv(act(bn(x))) + residual with nn.BatchNorm2d's semantics and side effects
+        (`batch_stats`: x's batch statistics already computed, as in `bn_act_forward`).
+        Returns (y, a, mean, invstd, y_stats): a = act(bn(x)) when this backend wrote it
+        (kept for the weight gradient; None from a backend whose conv applies BN + activation
+        as it loads x, its prologue, and never writes a), the statistics BN used, and y's batch
+        (mean, biased variance) when `out_stats` (from the conv's epilogue where it can)."""
+        kw = {} if batch_stats is None else {"batch_stats": batch_stats}
+        a, mean, invstd, _ = self.bn_act_forward(x, bn_weight, bn_bias, running_mean,
+                                                 running_var, num_batches_tracked, training,
+                                                 momentum, eps, None, act, False, **kw)
+        if out_stats and residual is None:
+            y, stats = self.conv_stats(a, weight, bias, p)
+        else:
+            y, stats = self.conv(a, weight, bias, p), None
+        if residual is not None:
+            y = y.add_(residual)
+        if out_stats and stats is None:
+            stats = self.bn_stats(y)
+        return y, a, mean, invstd, stats
 
     def bn_act_backward(self, grad_y: Tensor, saved: Optional[Tensor], z: Tensor, mean: Tensor,
                         invstd: Tensor, bn_weight: Optional[Tensor], use_batch_stats: bool,
@@ -275,8 +299,50 @@ class Backend:
         return g.to(z.dtype)
 
     def conv_backward(self, grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
-                      p: ConvParams, mask: List[bool]):
-        """(g_x, g_w, g_b) by PyTorch's convolution backward; None where not asked."""
+                      p: ConvParams, mask: List[bool],
+                      prologue: Optional[InputPrologue] = None):
+        """(g_x, g_w, g_b) by PyTorch's convolution backward; None where not asked. With
+        `prologue` the conv's input was act(x * scale + shift) (never stored): recomputed
+        here for the weight gradient."""
+        if prologue is not None and mask[1]:
+            x, _ = self.scale_shift_add_act(x, prologue.scale, prologue.shift, None,
+                                            prologue.act, False)
         return _aten.convolution_backward(
             grad, x, weight, [weight.shape[0]] if has_bias else None, list(p.stride),
             list(p.padding), list(p.dilation), False, [0, 0], p.groups, mask)
+
+    def preact_saved(self, act: Activation, x: Tensor, a: Optional[Tensor], mean: Tensor,
+                     invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]):
+        """What the activation's backward reads in the pre-activation form (the `saved` of
+        `bn_act_backward`): a = act(bn(x)) itself (recomputed when None: the forward did not
+        write it), or the pre-activation bn(x), recomputed rather than stored."""
+        if act.saves == "nothing":
+            return None
+        scale, shift = bn_scale_shift(mean, invstd, bn_weight, bn_bias)
+        if act.saves == "output":
+            if a is None:
+                a, _ = self.scale_shift_add_act(x, scale, shift, None, act, False)
+            return a
+        return torch.addcmul(per_channel(shift), x, per_channel(scale)).to(x.dtype)
+
+    def conv_bn_act_backward(self, grad_y: Tensor, saved: Optional[Tensor], x: Tensor,
+                             weight: Optional[Tensor], z: Tensor, mean: Tensor, invstd: Tensor,
+                             bn_weight: Optional[Tensor], use_batch_stats: bool,
+                             act: Activation, p: ConvParams, has_bias: bool,
+                             output_mask: List[bool]):
+        """Backward of act(bn(conv(x)) + residual) (no conv when `weight` is None):
+        (g_x, g_w, g_b, g_bn_weight, g_bn_bias, g_residual), None where `output_mask` (same
+        order) does not ask. BN's backward (`bn_act_backward`), then the conv's."""
+        m_x, m_w, m_b, m_bnw, m_bnb, m_res = output_mask
+        need_gz = m_x or m_w or m_b
+        g_u, g_z, g_bnw, g_bnb = self.bn_act_backward(grad_y, saved, z, mean, invstd, bn_weight,
+                                                      use_batch_stats, act, need_gz,
+                                                      m_bnw or m_bnb, need_gu=m_res)
+        g_x = g_w = g_b = None
+        if need_gz:
+            if weight is None:
+                g_x = g_z
+            else:
+                g_x, g_w, g_b = self.conv_backward(g_z, x, weight, has_bias, p,
+                                                   [m_x, m_w, m_b and has_bias])
+        return g_x, g_w, g_b, g_bnw, g_bnb, g_u if m_res else None

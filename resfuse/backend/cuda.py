@@ -112,7 +112,12 @@ class CudaBackend(Backend):
         return "mask" if act.kind in _MASKED else act.saves
 
     def bn_act_forward(self, z, bn_weight, bn_bias, running_mean, running_var,
-                       num_batches_tracked, training, momentum, eps, residual, act, save_input):
+                       num_batches_tracked, training, momentum, eps, residual, act, save_input,
+                       batch_stats=None):
+        if batch_stats is not None:  # statistics already computed: finalize, then the apply kernel
+            return super().bn_act_forward(z, bn_weight, bn_bias, running_mean, running_var,
+                                          num_batches_tracked, training, momentum, eps,
+                                          residual, act, save_input, batch_stats)
         if training or running_mean is None:
             update = training and running_mean is not None
             mean, invstd, scale, shift = torch.ops.resfuse.cuda_bn_stats(

@@ -137,7 +137,9 @@ class EagerBackend(Backend):
         return y if residual is None else y.add_(residual)
 
     def bn_act_forward(self, z, bn_weight, bn_bias, running_mean, running_var,
-                       num_batches_tracked, training, momentum, eps, residual, act, save_input):
+                       num_batches_tracked, training, momentum, eps, residual, act, save_input,
+                       batch_stats=None):
+        # `batch_stats` is not needed: aten's batch-norm kernel computes them in its pass.
         aten = torch.ops.aten
         if training or running_mean is None:
             update = training and running_mean is not None
