@@ -147,7 +147,10 @@ def test_grad_prologue_is_bn_backward_apply(dtype, layout, kind, rows):
 def test_weight_grad_split_reduction_is_deterministic():
     _, _, bwd = _kernels()
     x, w, y, ca = _case((4, 8, 16, 16, 8, 3, 1, 1, 1, 1), torch.float32, "channels_last")
-    assert bwd._splits(4 * 16 * 16, 1, 32)[0] > 1  # the reduction is split: partials summed
+    from resfuse.triton_kernels.tiles import gemm_tiles
+    t = gemm_tiles(8, 8 * 9, 4 * 16 * 16, torch.float32, x.is_cuda)
+    programs = -(-8 // t.rows) * -(-72 // t.cols)
+    assert bwd._splits(4 * 16 * 16, programs, t.red)[0] > 1  # split: partials summed in order
     gy = torch.randn_like(y)
     a = bwd.conv2d_weight_grad(gy, x, w.shape, *ca)
     b = bwd.conv2d_weight_grad(gy, x, w.shape, *ca)

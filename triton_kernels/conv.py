@@ -1,5 +1,5 @@
-"""Implicit-GEMM 2-D convolution with a fused prologue and epilogue (work in progress: the
-forward only; not yet wired into a backend).
+"""Implicit-GEMM 2-D convolution with a fused prologue and epilogue (the forward; the backward
+is conv_backward.py).
 
     y[n, oh, ow, co] = epilogue( sum_{r, s, ci} prologue(x[n, ih, iw, ci]) * w[co, ci, r, s] )
     ih = oh * stride_h - pad_h + r * dil_h,   iw likewise
@@ -29,6 +29,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .tiles import gemm_tiles
 
 # Activation codes: the order of resfuse.activations.KINDS.
 ACT_IDENTITY, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_GELU_TANH = range(6)
@@ -176,13 +178,6 @@ def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
-def _blocks(cin_g: int, cout_g: int) -> Tuple[int, int, int]:
-    """Tile sizes: a small fixed set (autotuning for GPUs is the next step)."""
-    bn = 16 if cout_g <= 16 else (32 if cout_g <= 32 else 64)
-    bk = 16 if cin_g <= 16 else 32
-    return 32, bn, bk
-
-
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
            stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, *,
            prologue: Optional[Prologue] = None, stats: bool = False,
@@ -202,7 +197,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                   and not x.is_contiguous()) else torch.contiguous_format
     y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     M = N * Ho * Wo
-    BM, BN, BK = _blocks(cin_g, cout_g)
+    t = gemm_tiles(M, cout_g, cin_g, x.dtype, x.is_cuda)
+    BM, BN, BK = t.rows, t.cols, t.red
     tiles_m = triton.cdiv(M, BM)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if stats:
@@ -230,7 +226,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             EPI_SLOPE=float(slope), HAS_BIAS=bias is not None, PROLOGUE=pro is not None,
             PRO_ACT=pro.act if pro is not None else 0, STATS=stats,
             HAS_RES=residual is not None, EPI_ACT=act, ACC_FP64=x.dtype == torch.float64,
-            PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+            PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch(),
         )
     if not stats:
         return y, None

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .bn_act import SAVE_NONE, _grad_u, _in_layout_of
 from .conv import Prologue, _act, _conv_tf32, _on_device
+from .tiles import gemm_tiles
 
 
 class GradPrologue(NamedTuple):
@@ -211,10 +212,6 @@ def _precision(x: torch.Tensor) -> str:
     return "tf32" if x.dtype == torch.float32 and x.is_cuda and _conv_tf32() else "ieee"
 
 
-def _block(n: int, small: int, large: int) -> int:
-    return small if n <= small else large
-
-
 def _grad_args(grad: torch.Tensor, pro: Optional[GradPrologue]):
     """(g, saved, z, mean, coef, act, save, slope, scale_only) kernel arguments: with a grad
     prologue, grad_y in z's layout (the mask's bit order)."""
@@ -245,7 +242,8 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape, str
     gx = torch.empty((N, C, H, W), device=grad.device, dtype=grad.dtype, memory_format=fmt)
     g, saved, z, mean, coef, act, save, slope, scale_only = _grad_args(grad, grad_prologue)
     M = N * H * W
-    BM, BN, BK = 32, _block(cin_g, 16, 32), _block(cout_g, 16, 32)
+    t = gemm_tiles(M, cin_g, cout_g, grad.dtype, grad.is_cuda)
+    BM, BN, BK = t.rows, t.cols, t.red
     grid = (triton.cdiv(M, BM), triton.cdiv(cin_g, BN), groups)
     with _on_device(grad):
         _conv_dgrad_kernel[grid](
@@ -255,7 +253,7 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape, str
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             KH=KH, KW=KW, SLOPE=slope, GRAD_PRO=grad_prologue is not None, ACT=act, SAVE=save,
             SCALE_ONLY=scale_only, ACC_FP64=grad.dtype == torch.float64,
-            PRECISION=_precision(grad), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+            PRECISION=_precision(grad), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch())
     return gx
 
 
@@ -281,7 +279,8 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
     g, saved, z, mean, coef, act, save, slope, scale_only = _grad_args(grad, grad_prologue)
     L = N * Ho * Wo
     CRS = cin_g * KH * KW
-    BM, BN, BK = _block(cout_g, 16, 32), _block(CRS, 16, 32), 32
+    t = gemm_tiles(cout_g, CRS, L, x.dtype, x.is_cuda)
+    BM, BN, BK = t.rows, t.cols, t.red
     tiles = triton.cdiv(cout_g, BM) * triton.cdiv(CRS, BN) * groups
     split, per = _splits(L, tiles, BK)
     acc = _acc(x.dtype)
@@ -299,6 +298,6 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
             GRAD_PRO=grad_prologue is not None, ACT=act, SAVE=save, SCALE_ONLY=scale_only,
             PROLOGUE=pro is not None, PRO_ACT=pro.act if pro is not None else 0,
             ACC_FP64=x.dtype == torch.float64, PRECISION=_precision(x),
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch())
     gw = part[0] if split == 1 else part.sum(0)
     return gw.view(Cout, KH, KW, cin_g).permute(0, 3, 1, 2).contiguous()
