@@ -304,3 +304,17 @@ def test_batch_stats_bad_input():
         RF.bn_act_conv(x, **bn, weight=w, return_stats=1)
     with pytest.raises(resfuse.ResfuseInputError, match="weight: expected shape"):
         RF.conv_stats(x, torch.randn(5, 2, 1, 1))
+
+
+@needs_triton
+def test_block_chain_compiles_whole():
+    """torch.compile(fullgraph=True) keeps the chain's ops (one graph, no break) and gives the
+    same step as the module chain."""
+    import torch._dynamo.testing
+    plain, fused = _blocks("bottleneck-s2-proj", torch.float32)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend=counter, fullgraph=True)
+    x = torch.randn(2, 16, 8, 8)
+    _assert_steps_agree(plain, compiled, x, TOL[torch.float32], steps=1)
+    assert counter.frame_count == 1

@@ -7,7 +7,6 @@ every activation and BN mode, ResNet layer shapes, float64 gradcheck, determinis
 mask at odd sizes and unaligned storage, tensors past 2**31 elements, the kernels' own argument
 checks, opcheck of the extension's ops, and a converted ResNet-50 training step against eager.
 """
-import copy
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from torch.autograd import gradcheck
 
 import resfuse
 import resfuse.functional as RF
-from conftest import FLOOR, assert_honest, randomize_bn
-from harness import OpCase, check
+from conftest import FLOOR, assert_honest
+from harness import OpCase, check, check_converted_resnet50_step
 from test_functional import ACTIVATIONS
 
 pytestmark = pytest.mark.skipif(resfuse.backends()["cuda"] != "ok",
@@ -66,9 +65,13 @@ BN_MODES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", BN_MODES)
 def test_bn_modes(mode, dtype, layout):
+    check(bn_case(mode), "cuda", dtype, layout, DEV)
+
+
+def bn_case(mode: str) -> OpCase:
     kw = dict(n=4, c_in=8, c_out=24, hw=(8, 8))
     kw.update(BN_MODES[mode])
-    check(OpCase(**kw), "cuda", dtype, layout, DEV)
+    return OpCase(**kw)
 
 
 # ResNet-18/50 layer shapes (batch reduced): (c_in, c_out, hw, kernel, stride, groups)
@@ -329,53 +332,9 @@ def test_auto_picks_cuda_on_gpu():
 
 # ------------------------------------------------------------------ a converted ResNet-50
 
-def _resnet50():
-    try:
-        import torchvision
-        return torchvision.models.resnet50(num_classes=100)
-    except Exception:  # noqa: BLE001 - torchvision missing or built for another torch
-        from resfuse.models import resnet50
-        return resnet50(num_classes=100)
-
-
-def _step(model, x, t):
-    model.train()
-    loss = F.cross_entropy(model(x).float(), t)
-    loss.backward()
-    return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_converted_resnet50_training_step(dtype):
-    """One training step of a converted ResNet-50 against the same eager model: in float64 to
-    1e-9; in bf16 every gradient at most twice as far from the float64 step as eager bf16's is,
-    plus a floor (relative L2 norms)."""
-    torch.manual_seed(0)
-    master = randomize_bn(_resnet50()).to(DEV, torch.float64).to(memory_format=torch.channels_last)
-    x64 = torch.randn(4, 3, 64, 64, device=DEV, dtype=torch.float64).to(memory_format=torch.channels_last)
-    t = torch.randint(0, 100, (4,), device=DEV)
-    loss64, g64 = _step(copy.deepcopy(master), x64, t)
-    plain = copy.deepcopy(master).to(dtype)
-    fused = copy.deepcopy(plain)
-    report = resfuse.convert(fused, backend="cuda")
-    assert len(report.swapped) == 16, report
-    x = x64.to(dtype)
-    loss_e, g_e = _step(plain, x, t)
-    loss_f, g_f = _step(fused, x, t)
-    if dtype == torch.float64:
-        assert abs(loss_f.item() - loss64.item()) < 1e-9
-        for name, g in g64.items():
-            assert (g_f[name] - g).abs().max().item() <= 1e-8 * max(1.0, g.abs().max().item()), name
-        for (name, b), c in zip(plain.named_buffers(), fused.buffers()):
-            assert torch.allclose(b.double(), c.double(), rtol=0, atol=1e-9), name
-        return
-    floor = 2e-2
-    assert abs(loss_f - loss64) <= 2 * abs(loss_e - loss64) + floor * max(1.0, abs(loss64.item()))
-    for name, g in g64.items():
-        norm = g.norm().clamp_min(1e-30)
-        err_f = ((g_f[name] - g).norm() / norm).item()
-        err_e = ((g_e[name] - g).norm() / norm).item()
-        assert err_f <= 2 * err_e + floor, f"{name}: fused {err_f:.3e} vs eager {err_e:.3e} from float64"
+    check_converted_resnet50_step("cuda", dtype, DEV)
 
 
 # ------------------------------------------------------------------ eval inference (folded BN)

@@ -11,7 +11,8 @@ import resfuse
 from dist_workers import tiny_resnet, train_batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-BACKENDS = [b for b in ("eager", "pieces", "cuda") if resfuse.backends()[b] == "ok"] or ["eager"]
+BACKENDS = [b for b in ("eager", "pieces", "cuda", "triton")
+            if resfuse.backends()[b] == "ok"] or ["eager"]
 
 
 def _model(backend, momentum=0.1):

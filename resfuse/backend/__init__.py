@@ -106,8 +106,11 @@ def get(name: str) -> Backend:
 
 
 @torch.compiler.assume_constant_result
-def _selected_name(case: Case, backend: Optional[str]) -> str:
-    return select(case, backend).name
+def _selected_name(op: str, device_type: str, dtype: torch.dtype, channels_last: bool,
+                   groups: int, training: bool, backend: Optional[str]) -> str:
+    # The Case's fields one by one: dynamo hands a NamedTuple argument to a constant-result
+    # function without its fields (an IndexError reading them).
+    return select(Case(op, device_type, dtype, channels_last, groups, training), backend).name
 
 
 def select_for_call(case: Case, backend: Optional[str] = None) -> Backend:
@@ -116,7 +119,7 @@ def select_for_call(case: Case, backend: Optional[str] = None) -> Backend:
     cannot be traced): a different `use_backend` scope or RESFUSE_BACKEND later needs a new
     `torch.compile` (or `torch.compiler.reset()`) to take effect."""
     if torch.compiler.is_compiling():
-        return _registry[_selected_name(case, backend)]
+        return _registry[_selected_name(*case, backend)]
     return select(case, backend)
 
 
