@@ -8,7 +8,7 @@
 
 Suites (bench/suites.py): `ops` (conv-bn-act in eval, training forward and forward + backward;
 scale-bias-add-act forward, backward and eval), `blocks` (every distinct ResNet-18 and ResNet-50
-block: training step and eval), `models` (converted ResNet-18/50: training step with SGD, and
+block: training forward, training step and eval), `models` (converted ResNet-18/50: training step with SGD, and
 eval), `quick` (a few of each), `all`. Contestants from the same run: eager (resfuse.reference,
 or torchvision's model), torch.compile (default; max-autotune with --compile max-autotune or
 both), and resfuse with each available backend.

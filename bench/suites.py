@@ -20,7 +20,7 @@ Contestants, all from the same run:
 
 Suites: `ops` (conv-bn-act on ResNet-50's conv shapes in eval, training forward and training
 forward + backward; scale-bias-add-act forward, backward and eval at each stage's output shape),
-`blocks` (every distinct block of ResNet-18 and ResNet-50: training step and eval), `models`
+`blocks` (every distinct block of ResNet-18 and ResNet-50: training forward, training step and eval), `models`
 (converted ResNet-18 and ResNet-50: training step — forward, backward, SGD step — and eval),
 `quick` (a few of each: the default, under two minutes on a CPU), `all`.
 """
@@ -413,6 +413,10 @@ def _module_built(s: Settings, mode: str, models: Dict[str, nn.Module], plain: n
                 counter[0] += 1
                 with torch.no_grad():
                     return m(xs[counter[0] % k])
+        elif mode == "train_fwd":  # what a training forward saves for backward included
+            def run():
+                counter[0] += 1
+                return m(xs[counter[0] % k])
         else:
             def run():
                 counter[0] += 1
@@ -429,6 +433,8 @@ def _module_built(s: Settings, mode: str, models: Dict[str, nn.Module], plain: n
             y = m(x)
             params = [p for p in m.parameters() if p.requires_grad]
             buffers = [b.detach().clone() for b in m.buffers() if b.is_floating_point()]
+            if mode == "train_fwd":
+                return [y.detach(), *buffers]
             return [y, *buffers, *torch.autograd.grad(y, [x] + params, gy)]
         finally:
             m.load_state_dict(state)  # the running statistics as they were
@@ -450,7 +456,7 @@ def blocks_cases(s: Settings, quick: bool = False) -> List[Case]:
         if quick:
             blocks = [blocks[2]] if model == "resnet18" else [blocks[1]]
         for b in blocks:
-            for mode in ("train_step", "eval"):
+            for mode in ("train_fwd", "train_step", "eval"):
                 out.append(block_case(b, mode, s))
     return out
 

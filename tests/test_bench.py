@@ -246,8 +246,8 @@ def test_list_and_bad_arguments():
     proc = run_bench("--suite", "all", "--list", "--device", "cpu")
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
-    assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 2 + 2 * 2} cases")
-    assert sum("blocks " in l for l in lines) == 30 and sum("models " in l for l in lines) == 4
+    assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 3 + 2 * 2} cases")
+    assert sum("blocks " in l for l in lines) == 45 and sum("models " in l for l in lines) == 4
     for bad in (["--dtype", "float8"], ["--layout", "nhwc"], ["--batch", "0"], ["--suite", "x"]):
         proc = run_bench(*bad, "--list", "--device", "cpu")
         assert proc.returncode == 2 and "error" in proc.stderr, bad

@@ -174,6 +174,14 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def channels_contiguous(weight: torch.Tensor) -> torch.Tensor:
+    """The weight with input channels contiguous ([Cout, KH, KW, Cin/g] in memory: torch's
+    channels_last), so a tile of (input channels x output channels) at one (r, s) is read
+    with coalesced loads; a no-op for a channels_last model's weights, else one copy of the
+    (small) weight per call."""
+    return weight.contiguous(memory_format=torch.channels_last)
+
+
 def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
@@ -189,6 +197,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     partials (count per tile, mean, M2) for `merge_stats`. Arguments are checked by the
     caller (resfuse.validation); this launcher assumes them valid."""
     N, C, H, W = x.shape
+    weight = channels_contiguous(weight)
     Cout, cin_g, KH, KW = weight.shape
     cout_g = Cout // groups
     Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])

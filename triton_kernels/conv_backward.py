@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .bn_act import SAVE_NONE, _grad_u, _in_layout_of
-from .conv import Prologue, _act, _conv_tf32, _on_device
+from .conv import Prologue, _act, _conv_tf32, _on_device, channels_contiguous
 from .tiles import gemm_tiles
 
 
@@ -232,6 +232,7 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape, str
     grad_y from which BN-backward's apply computes it on load). g_x is channels_last when
     `channels_last` (default: as `grad`), else NCHW."""
     N, C, H, W = input_shape
+    weight = channels_contiguous(weight)
     Cout, cin_g, KH, KW = weight.shape
     cout_g = Cout // groups
     Ho, Wo = grad.shape[2], grad.shape[3]
