@@ -96,14 +96,26 @@ def _apply_kernel(z_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, saved_ptr, TOTAL, N
 
 
 @triton.jit
-def _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, c, C, ACT: tl.constexpr, SAVE: tl.constexpr,
+def _recompute_coef(saved_ptr, c, c_ok, C, SAVE: tl.constexpr):
+    """(scale, shift) of channels c for SAVE_RECOMPUTE (else zeros, unused): loaded as
+    vectors of c's shape, for the caller to broadcast (a per-element gather of per-channel
+    values would be staged in shared memory by the software pipeliner)."""
+    if SAVE == 4:
+        sc = tl.load(saved_ptr + c, mask=c_ok, other=0.0)
+        sh = tl.load(saved_ptr + C + c, mask=c_ok, other=0.0)
+    else:
+        sc = tl.zeros(c.shape, dtype=tl.float32)
+        sh = sc
+    return sc, sh
+
+
+@triton.jit
+def _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, sc, sh, ACT: tl.constexpr, SAVE: tl.constexpr,
             SLOPE: tl.constexpr, acc_t):
-    """act'(u) * grad_y for elements idx (channels c, idx's shape), from the mask, u or y, or
-    u recomputed from z (SAVE_RECOMPUTE)."""
+    """act'(u) * grad_y for elements idx, from the mask, u or y, or u = z * sc + sh recomputed
+    from z (SAVE_RECOMPUTE; sc, sh from `_recompute_coef`, broadcast to idx's shape)."""
     g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(acc_t)
     if SAVE == 4:
-        sc = tl.load(saved_ptr + c, mask=ok, other=0.0)
-        sh = tl.load(saved_ptr + C + c, mask=ok, other=0.0)
         z = tl.load(z_ptr + idx, mask=ok, other=0.0)
         # BN's output as the forward's prologue rounded it.
         u = (z.to(sc.dtype) * sc + sh).to(z_ptr.dtype.element_ty).to(acc_t)
@@ -166,6 +178,7 @@ def _channel_sums_kernel(z_ptr, ref_ptr, g_ptr, saved_ptr, gu_ptr, s1_ptr, s2_pt
     c_ok = c < C
     acc_t = tl.float64 if ACC_FP64 else tl.float32
     ref = tl.load(ref_ptr + c, mask=c_ok, other=0.0).to(acc_t)
+    rsc, rsh = _recompute_coef(saved_ptr, c, c_ok, C, SAVE)
     s1 = tl.zeros((BLOCK_C,), dtype=acc_t)
     s2 = tl.zeros((BLOCK_C,), dtype=acc_t)
     start = chunk * ROWS_PER_PROG
@@ -177,9 +190,8 @@ def _channel_sums_kernel(z_ptr, ref_ptr, g_ptr, saved_ptr, gu_ptr, s1_ptr, s2_pt
         if STATS:
             a = d
         else:
-            c2 = c[None, :] + tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
-            a = tl.where(ok, _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, c2, C, ACT, SAVE, SLOPE,
-                                     acc_t), 0.0)
+            a = tl.where(ok, _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, rsc[None, :],
+                                     rsh[None, :], ACT, SAVE, SLOPE, acc_t), 0.0)
             if WRITE_GU:
                 tl.store(gu_ptr + idx, a.to(gu_ptr.dtype.element_ty), mask=ok)
         s1 += tl.sum(a, 0)
@@ -200,7 +212,8 @@ def _bwd_apply_kernel(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, gz_ptr, TOTAL
     ok = idx < TOTAL
     c = ((idx // INNER) % C).to(tl.int32)
     acc_t = tl.float64 if ACC_FP64 else tl.float32
-    gu = _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, c, C, ACT, SAVE, SLOPE, acc_t)
+    rsc, rsh = _recompute_coef(saved_ptr, c, ok, C, SAVE)
+    gu = _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, rsc, rsh, ACT, SAVE, SLOPE, acc_t)
     a = tl.load(coef_ptr + c, mask=ok, other=0.0).to(acc_t)
     if SCALE_ONLY:
         gz = a * gu

@@ -206,7 +206,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                   and not x.is_contiguous()) else torch.contiguous_format
     y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     M = N * Ho * Wo
-    t = gemm_tiles(M, cout_g, cin_g, x.dtype, x.is_cuda)
+    precision = "tf32" if x.dtype == torch.float32 and x.is_cuda and _conv_tf32() else "ieee"
+    t = gemm_tiles(M, cout_g, cin_g, x.dtype, x.is_cuda,
+                   tensor_cores=x.dtype != torch.float32 or precision == "tf32")
     BM, BN, BK = t.rows, t.cols, t.red
     tiles_m = triton.cdiv(M, BM)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -221,7 +223,6 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     pro = prologue
     dummy = y
     res = residual if residual is not None else y
-    precision = "tf32" if x.dtype == torch.float32 and x.is_cuda and _conv_tf32() else "ieee"
     grid = (tiles_m, triton.cdiv(cout_g, BN), groups)
     with _on_device(x):
         _conv_fwd_kernel[grid](

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bn_act import SAVE_NONE, _grad_u, _in_layout_of
+from .bn_act import SAVE_NONE, _grad_u, _in_layout_of, _recompute_coef
 from .conv import Prologue, _act, _conv_tf32, _on_device, channels_contiguous
 from .tiles import gemm_tiles
 
@@ -48,21 +48,37 @@ class GradPrologue(NamedTuple):
 
 
 @triton.jit
-def _grad_tile(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, idx, ok, co, C,
+def _channel_coef(coef_ptr, mean_ptr, saved_ptr, co, co_ok, C, GRAD_PRO: tl.constexpr,
+                  SAVE: tl.constexpr, SCALE_ONLY: tl.constexpr, acc_t):
+    """The grad prologue's per-channel values for channels co, as vectors of co's shape (the
+    caller broadcasts them: a per-element gather of per-channel values would be staged in
+    shared memory by the software pipeliner): (A, B, D, mean, recompute scale, shift)."""
+    a = tl.zeros(co.shape, dtype=acc_t)
+    b = a
+    d = a
+    mean = a
+    if GRAD_PRO:
+        a = tl.load(coef_ptr + co, mask=co_ok, other=0.0).to(acc_t)
+        if not SCALE_ONLY:
+            b = tl.load(coef_ptr + C + co, mask=co_ok, other=0.0).to(acc_t)
+            d = tl.load(coef_ptr + 2 * C + co, mask=co_ok, other=0.0).to(acc_t)
+            mean = tl.load(mean_ptr + co, mask=co_ok, other=0.0).to(acc_t)
+    rsc, rsh = _recompute_coef(saved_ptr, co, co_ok, C, SAVE)
+    return a, b, d, mean, rsc, rsh
+
+
+@triton.jit
+def _grad_tile(g_ptr, saved_ptr, z_ptr, idx, ok, a, b, d, mean, rsc, rsh,
                GRAD_PRO: tl.constexpr, ACT: tl.constexpr, SAVE: tl.constexpr,
                SLOPE: tl.constexpr, SCALE_ONLY: tl.constexpr, acc_t):
-    """A tile of the conv output's gradient at offsets idx (channels co, idx's shape): read,
-    or (GRAD_PRO) BN-backward's apply computed from grad_y, the saved mask / u and z, rounded
-    to z's dtype."""
+    """A tile of the conv output's gradient at offsets idx: read, or (GRAD_PRO) BN-backward's
+    apply computed from grad_y, the saved mask / u and z, rounded to z's dtype (the channel
+    values from `_channel_coef`, broadcast to idx's shape)."""
     if GRAD_PRO:
-        gu = _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, co, C, ACT, SAVE, SLOPE, acc_t)
-        a = tl.load(coef_ptr + co, mask=ok, other=0.0).to(acc_t)
+        gu = _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, rsc, rsh, ACT, SAVE, SLOPE, acc_t)
         if SCALE_ONLY:
             gz = a * gu
         else:
-            b = tl.load(coef_ptr + C + co, mask=ok, other=0.0).to(acc_t)
-            d = tl.load(coef_ptr + 2 * C + co, mask=ok, other=0.0).to(acc_t)
-            mean = tl.load(mean_ptr + co, mask=ok, other=0.0).to(acc_t)
             z = tl.load(z_ptr + idx, mask=ok, other=0.0).to(acc_t)
             gz = a * gu + b + d * (z - mean)
         g = tl.where(ok, gz, 0.0).to(z_ptr.dtype.element_ty)
@@ -73,9 +89,13 @@ def _grad_tile(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, idx, ok, co, C,
 
 @triton.jit
 def _dot(a, b, acc, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr):
+    # Both calls written as branches: a `return` inside a constexpr `if` does not stop Triton
+    # from compiling the statement after it (fp64 accumulators reject the second call).
     if ACC_FP64:
-        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -123,9 +143,12 @@ def _conv_dgrad_kernel(
                 co = grp * COUT_G + co_g
                 t_ok = pix_ok[:, None] & co_ok[None, :]
                 idx = g_pix[:, None] + co.to(tl.int64)[None, :] * sgc
-                co_t = co[None, :] + tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
-                a = _grad_tile(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, idx, t_ok, co_t,
-                               C_OUT, GRAD_PRO, ACT, SAVE, SLOPE, SCALE_ONLY, acc_t)
+                ca, cb, cd, cm, rsc, rsh = _channel_coef(coef_ptr, mean_ptr, saved_ptr, co,
+                                                         co_ok, C_OUT, GRAD_PRO, SAVE,
+                                                         SCALE_ONLY, acc_t)
+                a = _grad_tile(g_ptr, saved_ptr, z_ptr, idx, t_ok, ca[None, :], cb[None, :],
+                               cd[None, :], cm[None, :], rsc[None, :], rsh[None, :], GRAD_PRO,
+                               ACT, SAVE, SLOPE, SCALE_ONLY, acc_t)
                 b = tl.load(w_ptr + co.to(tl.int64)[:, None] * swo + ci_g[None, :] * swi
                             + r * swh + s * sww,
                             mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
@@ -171,7 +194,8 @@ def _conv_wgrad_kernel(
     if PROLOGUE:
         sc = tl.load(pro_scale_ptr + ci, mask=j_ok, other=0.0)
         sh = tl.load(pro_shift_ptr + ci, mask=j_ok, other=0.0)
-    co_t = co[:, None] + tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
+    ca, cb, cd, cm, rsc, rsh = _channel_coef(coef_ptr, mean_ptr, saved_ptr, co, co_ok, C_OUT,
+                                             GRAD_PRO, SAVE, SCALE_ONLY, acc_t)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_t)
     hw = Ho * Wo
@@ -185,8 +209,9 @@ def _conv_wgrad_kernel(
         t_ok = co_ok[:, None] & l_ok[None, :]
         idx = co.to(tl.int64)[:, None] * sgc + (n.to(tl.int64) * sgn + oh.to(tl.int64) * sgh
                                                  + ow.to(tl.int64) * sgw)[None, :]
-        a = _grad_tile(g_ptr, saved_ptr, z_ptr, mean_ptr, coef_ptr, idx, t_ok, co_t, C_OUT,
-                       GRAD_PRO, ACT, SAVE, SLOPE, SCALE_ONLY, acc_t)
+        a = _grad_tile(g_ptr, saved_ptr, z_ptr, idx, t_ok, ca[:, None], cb[:, None],
+                       cd[:, None], cm[:, None], rsc[:, None], rsh[:, None], GRAD_PRO, ACT,
+                       SAVE, SLOPE, SCALE_ONLY, acc_t)
         ih = oh[:, None] * stride_h - pad_h + r[None, :] * dil_h
         iw = ow[:, None] * stride_w - pad_w + s[None, :] * dil_w
         x_ok = l_ok[:, None] & j_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -243,7 +268,10 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape, str
     gx = torch.empty((N, C, H, W), device=grad.device, dtype=grad.dtype, memory_format=fmt)
     g, saved, z, mean, coef, act, save, slope, scale_only = _grad_args(grad, grad_prologue)
     M = N * H * W
-    t = gemm_tiles(M, cin_g, cout_g, grad.dtype, grad.is_cuda)
+    precision = _precision(grad)
+    t = gemm_tiles(M, cin_g, cout_g, grad.dtype, grad.is_cuda,
+                   operands=3 if grad_prologue is not None else 1,
+                   tensor_cores=grad.dtype != torch.float32 or precision == "tf32")
     BM, BN, BK = t.rows, t.cols, t.red
     grid = (triton.cdiv(M, BM), triton.cdiv(cin_g, BN), groups)
     with _on_device(grad):
@@ -254,7 +282,7 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape, str
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             KH=KH, KW=KW, SLOPE=slope, GRAD_PRO=grad_prologue is not None, ACT=act, SAVE=save,
             SCALE_ONLY=scale_only, ACC_FP64=grad.dtype == torch.float64,
-            PRECISION=_precision(grad), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch())
+            PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch())
     return gx
 
 
@@ -280,7 +308,10 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
     g, saved, z, mean, coef, act, save, slope, scale_only = _grad_args(grad, grad_prologue)
     L = N * Ho * Wo
     CRS = cin_g * KH * KW
-    t = gemm_tiles(cout_g, CRS, L, x.dtype, x.is_cuda)
+    precision = _precision(x)
+    t = gemm_tiles(cout_g, CRS, L, x.dtype, x.is_cuda,
+                   operands=3 if grad_prologue is not None else 1,
+                   tensor_cores=x.dtype != torch.float32 or precision == "tf32")
     BM, BN, BK = t.rows, t.cols, t.red
     tiles = triton.cdiv(cout_g, BM) * triton.cdiv(CRS, BN) * groups
     split, per = _splits(L, tiles, BK)
@@ -298,7 +329,7 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
             KH=KH, KW=KW, SLOPE=slope, PRO_SLOPE=float(pro.slope) if pro is not None else 0.0,
             GRAD_PRO=grad_prologue is not None, ACT=act, SAVE=save, SCALE_ONLY=scale_only,
             PROLOGUE=pro is not None, PRO_ACT=pro.act if pro is not None else 0,
-            ACC_FP64=x.dtype == torch.float64, PRECISION=_precision(x),
+            ACC_FP64=x.dtype == torch.float64, PRECISION=precision,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch())
     gw = part[0] if split == 1 else part.sum(0)
     return gw.view(Cout, KH, KW, cin_g).permute(0, 3, 1, 2).contiguous()
