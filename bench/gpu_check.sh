@@ -2,9 +2,11 @@
 # Everything a lent GPU machine does (GPU.md): build resfuse with the CUDA extension, run the
 # test suite (the GPU tests included), compute-sanitizer on a small case, the benchmark suite,
 # and the CUDA kernels' drill-down. Logs and result files go to $OUT (default bench/out/gpu).
-#   bash bench/gpu_check.sh [build] [tests] [sanitizer] [bench] [kernels]
+#   bash bench/gpu_check.sh [build] [tests] [triton-tests] [sanitizer] [bench] [kernels]
 # (default: build tests sanitizer bench). One device call is limited to 10 minutes: run
-# "build tests sanitizer" in one call and "build bench" in the next (the build is ~1 min).
+# "build tests sanitizer" in one call, "build triton-tests" in the next (the Triton backend's
+# GPU tests: the full grid and every ResNet layer, many kernel compilations) and "build bench"
+# in a third (the build is ~1 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -35,8 +37,17 @@ $PY -c "import resfuse; print(resfuse.backends())"
 
 if has tests; then
     echo "== tests"
-    timeout ${TEST_TIMEOUT:-420} $PY -m pytest -q -rfE -p no:cacheprovider ${TESTS:-tests/} > "$OUT/tests.log" 2>&1 || status=1
+    timeout ${TEST_TIMEOUT:-420} $PY -m pytest -q -rfE -p no:cacheprovider \
+        ${TESTS:-tests/ --ignore=tests/test_triton_gpu.py --ignore=tests/test_triton_layers.py} \
+        > "$OUT/tests.log" 2>&1 || status=1
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40
+fi
+
+if has triton-tests; then
+    echo "== tests: the triton backend on the GPU"
+    timeout ${TEST_TIMEOUT:-540} $PY -m pytest -q -rfE -p no:cacheprovider \
+        tests/test_triton_gpu.py tests/test_triton_layers.py > "$OUT/tests-triton.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests-triton.log" | tail -n 40
 fi
 
 if has sanitizer; then
