@@ -176,9 +176,9 @@ def _assert_steps_agree(plain, fused, x, tol, steps=2):
 
 
 @needs_triton
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b not in ("wide", "dilated")])
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b != "wide"])
 def test_block_runs_as_the_chain_and_matches_the_module_chain(block, dtype, layout, monkeypatch):
     plain, fused = _blocks(block, dtype)
     calls = []
