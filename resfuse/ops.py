@@ -71,6 +71,42 @@ def _empty(t: Tensor) -> Tensor:
     return t.new_empty(0)
 
 
+def x_format(x: Tensor) -> torch.memory_format:
+    """The memory format of a conv's output (every backend, and the fake implementations): x's
+    own, channels_last when x is channels_last (and not also contiguous), else NCHW. (aten's
+    convolution would also go channels_last for an NCHW x with a channels_last weight; the
+    ops fix one rule so that real and fake outputs agree, as torch.compile requires.)"""
+    return (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous() else torch.contiguous_format)
+
+
+def _with_strides(t: Optional[Tensor], target: Tensor) -> Optional[Tensor]:
+    """t, or a copy of it with `target`'s strides (a meta tensor of t's shape) if they differ."""
+    if t is None or t.numel() == 0 or t.stride() == target.stride():
+        return t
+    return torch.empty_strided(t.shape, target.stride(), dtype=t.dtype,
+                               device=t.device).copy_(t)
+
+
+def conv_output(y: Tensor, x: Tensor) -> Tensor:
+    """A conv output (real) in `x_format(x)`, as the fake implementations promise."""
+    return _with_strides(y, torch.empty(y.shape, device="meta", memory_format=x_format(x)))
+
+
+def like(t: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
+    """A gradient (real) with the strides `torch.empty_like(ref)` has, as the fakes promise
+    (aten's convolution backward may return another layout for mixed-format inputs)."""
+    return _with_strides(t, torch.empty_like(ref, device="meta"))
+
+
+def fake_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+              groups: int) -> Tensor:
+    """The fake conv output: aten's shape, `x_format(x)`."""
+    y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0],
+                                   groups)
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=x_format(x))
+
+
 def _not_aliasing(t: Tensor, *inputs: Optional[Tensor]) -> Tensor:
     """t, or a copy of it where it is one of `inputs` (op outputs may not alias inputs: given
     batch statistics come back as the statistics BN used)."""
@@ -116,6 +152,8 @@ def conv_bn_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         z, stats = be.conv_stats(x, weight, bias, p)
     else:
         z = be.conv(x, weight, bias, p)
+    if weight is not None:
+        z = conv_output(z, x)
     y, mean, invstd, u = be.bn_act_forward(z, bn_weight, bn_bias, running_mean, running_var,
                                            num_batches_tracked, training, momentum, eps,
                                            residual, act, save_for_backward,
@@ -130,8 +168,7 @@ def conv_bn_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
       residual, stride, padding, dilation, groups, training, momentum, eps, activation,
       negative_slope, backend, save_for_backward, z_mean=None, z_var=None):
-    z = x if weight is None else torch.ops.aten.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+    z = x if weight is None else fake_conv(x, weight, bias, stride, padding, dilation, groups)
     y = torch.empty_like(z)
     if not save_for_backward:
         return y, _empty(x), _empty(x), _empty(x), _empty(x)
@@ -162,15 +199,14 @@ def conv_bn_act_infer(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     would invalidate the cached fold on every call)."""
     be = dispatch.get(backend)
     fw = folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-    return be.conv_eval_folded(x, residual, Activation(activation, negative_slope),
-                               _params(stride, padding, dilation, groups), fw)
+    return conv_output(be.conv_eval_folded(x, residual, Activation(activation, negative_slope),
+                                           _params(stride, padding, dilation, groups), fw), x)
 
 
 @conv_bn_act_infer.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
       padding, dilation, groups, eps, activation, negative_slope, backend):
-    return torch.empty_like(torch.ops.aten.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0, 0], groups))
+    return fake_conv(x, weight, bias, stride, padding, dilation, groups)
 
 
 @_op("conv_bn_act_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor z, Tensor? saved, "
@@ -196,9 +232,10 @@ def conv_bn_act_bwd(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], z: Tens
     if g_res is not None and g_res is grad_y:
         g_res = g_res.clone()  # an op output must not alias an input
     m_x, m_w, m_b, m_bnw, m_bnb, m_res = output_mask
-    return _or_empty(grad_y, g_x if m_x else None, g_w if m_w else None,
+    return _or_empty(grad_y, like(g_x, x) if m_x else None,
+                     like(g_w, weight) if m_w else None,
                      g_b if (m_b and has_bias) else None, g_bnw if m_bnw else None,
-                     g_bnb if m_bnb else None, g_res if m_res else None)
+                     g_bnb if m_bnb else None, like(g_res, grad_y) if m_res else None)
 
 
 @conv_bn_act_bwd.register_fake
@@ -297,11 +334,12 @@ def bn_act_conv_fwd(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Te
     y, a, mean, invstd, stats = be.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var,
                                                num_batches_tracked, training, momentum, eps,
                                                given, act, weight, bias, residual, p, out_stats)
+    y = conv_output(y, x)
     y_mean, y_var = stats if stats is not None else (_empty(x), _empty(x))
     if not save_for_backward:
         return y, _empty(x), _empty(x), _empty(x), y_mean, y_var
-    return (y, (a if a is not None else _empty(x)), _not_aliasing(mean, x_mean), invstd, y_mean,
-            y_var)
+    return (y, (like(a, x) if a is not None else _empty(x)), _not_aliasing(mean, x_mean),
+            invstd, y_mean, y_var)
 
 
 def conv_add_outputs(be, x: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
@@ -309,18 +347,18 @@ def conv_add_outputs(be, x: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, wei
                      save_for_backward: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The pre-activation forward's end: y = conv(a) + residual, and (y, a, mean, invstd)
     with a and the statistics only when saving."""
-    y = be.conv(a, weight, bias, p)
+    y = conv_output(be.conv(a, weight, bias, p), x)
     if residual is not None:
         y = y.add_(residual)
     if not save_for_backward:
         return y, _empty(x), _empty(x), _empty(x)
-    return y, a, mean, invstd
+    return y, like(a, x), mean, invstd
 
 
 def bn_act_conv_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
                      dilation, groups: int, save_for_backward: bool):
     """Fake outputs (y, a, mean, invstd) of a pre-activation forward op."""
-    y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+    y = fake_conv(x, weight, bias, stride, padding, dilation, groups)
     if not save_for_backward:
         return y, _empty(x), _empty(x), _empty(x)
     stats = x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
@@ -377,8 +415,8 @@ def bn_act_conv_bwd(grad_y: Tensor, x: Tensor, a: Tensor, weight: Tensor, mean: 
         _, g_x, g_bnw, g_bnb = be.bn_act_backward(g_a, saved, x, mean, invstd, bn_weight,
                                                   use_batch_stats, act, m_x, m_bnw or m_bnb,
                                                   need_gu=False)
-    return _or_empty(grad_y, g_x if m_x else None, g_bnw if m_bnw else None,
-                     g_bnb if m_bnb else None, g_w if m_w else None,
+    return _or_empty(grad_y, like(g_x, x) if m_x else None, g_bnw if m_bnw else None,
+                     g_bnb if m_bnb else None, like(g_w, weight) if m_w else None,
                      g_b if (m_b and has_bias) else None)
 
 
@@ -458,13 +496,12 @@ def conv_stats_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Li
     be = dispatch.get(backend)
     z, stats = be.conv_stats(x, weight, bias, _params(stride, padding, dilation, groups))
     mean, var = stats if stats is not None else be.bn_stats(z)
-    return z, mean, var
+    return conv_output(z, x), mean, var
 
 
 @conv_stats_fwd.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, backend):
-    z = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0],
-                                   groups)
+    z = fake_conv(x, weight, bias, stride, padding, dilation, groups)
     stats = x.new_empty(z.shape[1], dtype=acc_dtype(x.dtype))
     return torch.empty_like(z), stats, torch.empty_like(stats)
 
@@ -480,7 +517,7 @@ def conv_bwd(grad: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding
     g_x, g_w, g_b = dispatch.get(backend).conv_backward(
         grad, x, weight, has_bias, _params(stride, padding, dilation, groups),
         [m_x, m_w, m_b and has_bias])
-    return _or_empty(grad, g_x if m_x else None, g_w if m_w else None,
+    return _or_empty(grad, like(g_x, x) if m_x else None, like(g_w, weight) if m_w else None,
                      g_b if (m_b and has_bias) else None)
 
 

@@ -36,7 +36,7 @@ from . import backend as dispatch
 from .activations import Activation
 from .backend.base import acc_dtype, bn_scale_shift, finalize_stats
 from .ops import (OpConfig, _empty, _op, _or_empty, _param_grad, _params, bn_act_conv_fake,
-                  conv_add_outputs, preact_saved)
+                  conv_add_outputs, conv_output, fake_conv, like, preact_saved)
 
 Tensor = torch.Tensor
 
@@ -95,14 +95,15 @@ def sync_conv_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """(z, stats): z = conv(x) (empty when there is no conv: z is x) and this process's
     float64 [sum, sum of squares, count] of z per channel, for the all-reduce."""
     be = dispatch.get(backend)
-    z = x if weight is None else be.conv(x, weight, bias, _params(stride, padding, dilation, groups))
-    return (z if weight is not None else _empty(x)), _local_sums(be, z)
+    if weight is None:
+        return _empty(x), _local_sums(be, x)
+    z = conv_output(be.conv(x, weight, bias, _params(stride, padding, dilation, groups)), x)
+    return z, _local_sums(be, z)
 
 
 @sync_conv_stats.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, backend):
-    z = x if weight is None else torch.ops.aten.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+    z = x if weight is None else fake_conv(x, weight, bias, stride, padding, dilation, groups)
     return (torch.empty_like(z) if weight is not None else _empty(x),
             x.new_empty(2 * z.shape[1] + 1, dtype=torch.float64))
 
@@ -209,7 +210,8 @@ def sync_bn_act_conv_bwd_reduce(grad_y: Tensor, x: Tensor, a: Tensor, weight: Te
     if need_bn:
         g_u, sums = _reduce(g_a, preact_saved(act, x, a, mean, invstd, bn_weight, bn_bias), x,
                             mean, act)
-    return _or_empty(grad_y, g_w if m_w else None, g_b if (m_b and has_bias) else None, g_u, sums)
+    return _or_empty(grad_y, like(g_w, weight) if m_w else None,
+                     g_b if (m_b and has_bias) else None, like(g_u, x), sums)
 
 
 @sync_bn_act_conv_bwd_reduce.register_fake
@@ -237,12 +239,12 @@ def sync_bn_bwd_apply_conv(g_u: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
     g_z = _pieces().bn_backward_apply(g_u, z, mean, invstd, bn_weight, sums[:c], sums[c:],
                                       stats[2 * c])
     if weight is None:
-        return g_z, _empty(g_u), _empty(g_u)
+        return like(g_z, z), _empty(g_u), _empty(g_u)
     m_x, m_w, m_b = output_mask
     g_x, g_w, g_b = dispatch.get(backend).conv_backward(
         g_z, x, weight, has_bias, _params(stride, padding, dilation, groups),
         [m_x, m_w, m_b and has_bias])
-    return _or_empty(g_u, g_x if m_x else None, g_w if m_w else None,
+    return _or_empty(g_u, like(g_x, x) if m_x else None, like(g_w, weight) if m_w else None,
                      g_b if (m_b and has_bias) else None)
 
 

@@ -201,7 +201,8 @@ def check_converted_resnet50_step(backend: str, dtype: torch.dtype, device: str)
     master = randomize_bn(_resnet50()).to(device, torch.float64).to(memory_format=torch.channels_last)
     x64 = torch.randn(4, 3, 64, 64, device=device, dtype=torch.float64).to(memory_format=torch.channels_last)
     t = torch.randint(0, 100, (4,), device=device)
-    loss64, g64 = _step(copy.deepcopy(master), x64, t)
+    step64 = copy.deepcopy(master)
+    loss64, g64 = _step(step64, x64, t)
     plain = copy.deepcopy(master).to(dtype)
     fused = copy.deepcopy(plain)
     report = resfuse.convert(fused, backend=backend)
@@ -222,4 +223,14 @@ def check_converted_resnet50_step(backend: str, dtype: torch.dtype, device: str)
         norm = g.norm().clamp_min(1e-30)
         err_f = ((g_f[name] - g).norm() / norm).item()
         err_e = ((g_e[name] - g).norm() / norm).item()
+        assert err_f <= 2 * err_e + floor, f"{name}: fused {err_f:.3e} vs eager {err_e:.3e} from float64"
+    b64 = dict(step64.named_buffers())  # the float64 step's running statistics
+    for (name, b_e), b_f in zip(plain.named_buffers(), fused.buffers()):
+        if not b_e.is_floating_point():
+            assert torch.equal(b_e, b_f), name
+            continue
+        ref = b64[name].double()
+        norm = ref.norm().clamp_min(1e-30)
+        err_f = ((b_f.double() - ref).norm() / norm).item()
+        err_e = ((b_e.double() - ref).norm() / norm).item()
         assert err_f <= 2 * err_e + floor, f"{name}: fused {err_f:.3e} vs eager {err_e:.3e} from float64"

@@ -328,3 +328,45 @@ def test_converted_resnet50_training_step_through_the_interpreter():
     every gradient, every running statistic (batch 4, 64x64; ~3 minutes in the interpreter)."""
     from harness import check_converted_resnet50_step
     check_converted_resnet50_step("triton", torch.float64, "cpu")
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("formats", ["x-nchw-w-cl", "x-cl-w-nchw", "both-cl"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_outputs_have_the_fake_layouts(backend, formats):
+    """Real and fake outputs agree in strides whatever the mix of memory formats (the conv
+    output in x's format, gradients like their inputs): torch.compile (inductor) asserts it."""
+    from torch.library import opcheck
+    x = torch.randn(2, 4, 6, 6, dtype=D)
+    w = torch.randn(5, 4, 3, 3, dtype=D)
+    if formats != "x-nchw-w-cl":
+        x = _cl(x)
+    if formats != "x-cl-w-nchw":
+        w = _cl(w)
+    utils = ("test_schema", "test_faketensor")
+    P1 = [1, 1]
+    ops = torch.ops.resfuse
+    opcheck(ops.conv_stats_fwd.default, (x, w, None, P1, P1, P1, 1, backend), test_utils=utils)
+    z, m, v = ops.conv_stats_fwd(x, w, None, P1, P1, P1, 1, backend)
+    g = torch.randn_like(z)
+    opcheck(ops.conv_bwd.default, (g, x, w, P1, P1, P1, 1, backend, False, [True, True, False]),
+            test_utils=utils)
+    bw, bb = torch.rand(4, dtype=D) + 0.5, torch.randn(4, dtype=D)
+    w2 = torch.randn(5, 4, 1, 1, dtype=D)
+    for save in (True, False):
+        opcheck(ops.conv_bn_act_fwd.default,
+                (x, w, None, bw[:1].expand(5).contiguous(), None, None, None, None, None, P1, P1,
+                 P1, 1, True, 0.1, 1e-5, "relu", 0.01, backend, save), test_utils=utils)
+        opcheck(ops.bn_act_conv_fwd.default,
+                (x, bw, bb, None, None, None, w2 if formats == "x-cl-w-nchw" else _cl(w2), None,
+                 None, P1, [0, 0], P1, 1, True, 0.1, 1e-5, "relu", 0.01, backend, save),
+                test_utils=utils)
+    y, zz, mean, invstd, u = ops.conv_bn_act_fwd(x, w, None, None, None, None, None, None, None,
+                                                 P1, P1, P1, 1, True, 0.1, 1e-5, "silu", 0.01,
+                                                 backend, True)
+    opcheck(ops.conv_bn_act_bwd.default,
+            (torch.randn_like(y), x, w, zz, u, mean, invstd, None, P1, P1, P1, 1, True, "silu",
+             0.01, backend, False, [True, True, False, False, False, True]), test_utils=utils)

@@ -1,7 +1,8 @@
 """Every distinct convolution of ResNet-18/50/101 and ResNeXt-50 through the Triton kernels a
 training step runs on it: the forward with the previous BN + ReLU as its prologue and BN's
-statistics as its epilogue, the data gradient with BN-backward's apply as its prologue, and
-the weight gradient recomputing the previous BN + ReLU as it loads.
+statistics as its epilogue, the data gradient with BN-backward's apply (grad_y and the next
+BN's ReLU mask) as its prologue, and the weight gradient with the same prologue that also
+recomputes the previous BN + ReLU as it loads x.
 
 On the CPU (Triton's interpreter) in fp32 at batch 1 with the spatial size cut to 8x8, every
 channel count, kernel, stride and group count as in the models; on a GPU at the models' own
@@ -51,14 +52,26 @@ def _conv_args(shape):
     return s, p, (1, 1), shape.groups
 
 
-def _reference(x, wt, scale, shift, gy, shape, dtype):
-    """(y, g_x, g_w) of conv(relu(bn(x))) with gradient gy, PyTorch in `dtype` on DEV."""
-    x, wt, gy = x.to(dtype), wt.to(dtype), gy.to(dtype)
+def _mask_bits(mask, z):
+    """The packed 1-bit mask as a 0/1 tensor of z's shape (bit j of word w: element 32w + j of
+    z in memory order)."""
+    bits = ((mask.view(-1, 1) >> torch.arange(32, device=mask.device)) & 1).view(-1)
+    bits = bits[:z.numel()].to(torch.float64)
+    n, c, h, w = z.shape
+    if z.is_contiguous():
+        return bits.view(n, c, h, w)
+    return bits.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _reference(x, wt, scale, shift, gz, shape, dtype):
+    """(y, g_a, g_w) of y = conv(a), a = relu(bn(x)), for the output gradient gz: PyTorch in
+    `dtype` on DEV."""
+    x, wt, gz = x.to(dtype), wt.to(dtype), gz.to(dtype)
     a = torch.relu((x.to(scale.dtype) * scale.view(1, -1, 1, 1)
                     + shift.view(1, -1, 1, 1)).to(dtype))
     s, p, d, g = _conv_args(shape)
     y = F.conv2d(a, wt, None, s, p, d, g)
-    ga, gw, _ = torch.ops.aten.convolution_backward(gy, a, wt, None, list(s), list(p), list(d),
+    ga, gw, _ = torch.ops.aten.convolution_backward(gz, a, wt, None, list(s), list(p), list(d),
                                                     False, [0, 0], g, [True, True, False])
     return y, ga, gw
 
@@ -73,24 +86,35 @@ def _compare(out, ref_lp, ref_64, dtype, what):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layer", SHAPES)
 def test_layer_through_the_triton_kernels(layer, dtype):
-    from resfuse.triton_kernels import conv, conv_backward as bwd
+    """conv(relu(bn1(x))) with its output's statistics; then, as the backward of
+    relu(bn2(conv(...))) runs it, the data and weight gradients with BN-backward's apply
+    (from grad_y and bn2's 1-bit ReLU mask) computed on load, the weight gradient also
+    recomputing relu(bn1(x)) as it loads x."""
+    from resfuse.triton_kernels import bn_act as bn, conv, conv_backward as bwd
     shape = SHAPES[layer]
     x, wt, scale, shift = _inputs(shape, dtype)
     ca = _conv_args(shape)
-    y, parts = conv.conv2d(x, wt, None, *ca, prologue=conv.Prologue(scale, shift, RELU, 0.0),
-                           stats=True)
+    pro = conv.Prologue(scale, shift, RELU, 0.0)
+    y, parts = conv.conv2d(x, wt, None, *ca, prologue=pro, stats=True)
     mean, var = conv.merge_stats(parts)
+    # bn2 + relu after this conv: its mask, and BN-backward's apply coefficients.
+    c = shape.c_out
+    scale2 = (torch.rand(c, device=DEV) + 0.5) * torch.rsqrt(var + 1e-5)
+    _, mask = bn.apply(y, scale2, -mean * scale2, None, RELU, 0.0, bn.SAVE_MASK)
+    coef = torch.stack([scale2, torch.randn(c, device=DEV) * 0.1,
+                        torch.randn(c, device=DEV) * 0.1 * scale2 ** 2])
     gy = torch.randn(y.shape, device=DEV).to(dtype).contiguous(memory_format=torch.channels_last)
-    # The data gradient of the conv's input a = relu(bn(x)) (no BN after this conv here: the
-    # grad prologue is the identity apply g_z = 1 * g, no mask).
-    ones = torch.ones(1, shape.c_out, device=DEV)
-    gp = bwd.GradPrologue(None, 0, y, mean, ones, 0, 0.0)
+    gp = bwd.GradPrologue(mask, bn.SAVE_MASK, y, mean, coef, RELU, 0.0)
     ga = bwd.conv2d_input_grad(gy, wt, x.shape, *ca, grad_prologue=gp)
-    gw = bwd.conv2d_weight_grad(gy, x, wt.shape, *ca,
-                                prologue=conv.Prologue(scale, shift, RELU, 0.0))
-    y_lp, ga_lp, gw_lp = _reference(x, wt, scale, shift, gy, shape, dtype)
-    y64, ga64, gw64 = _reference(x.double(), wt.double(), scale.double(), shift.double(),
-                                 gy.double(), shape, torch.float64)
+    gw = bwd.conv2d_weight_grad(gy, x, wt.shape, *ca, grad_prologue=gp, prologue=pro)
+    # References: g_z written by the (separately tested) apply kernel in `dtype`, and in
+    # float64 from the same mask and z; then PyTorch's convolution backward.
+    gz_lp = bn.backward_apply(gy, mask, bn.SAVE_MASK, y, mean, coef, RELU, 0.0)
+    cf = [t.double().view(1, -1, 1, 1) for t in (*coef, mean)]
+    gz64 = cf[0] * gy.double() * _mask_bits(mask, y) + cf[1] + cf[2] * (y.double() - cf[3])
+    y_lp, ga_lp, gw_lp = _reference(x, wt, scale, shift, gz_lp, shape, dtype)
+    y64, ga64, gw64 = _reference(x.double(), wt.double(), scale.double(), shift.double(), gz64,
+                                 shape, torch.float64)
     _compare(y, y_lp, y64, dtype, "y")
     _compare(ga, ga_lp, ga64, dtype, "g_a")
     _compare(gw.to(dtype), gw_lp, gw64, dtype, "g_w")

@@ -37,7 +37,7 @@ import torch
 
 from ..activations import KINDS, Activation
 from ..validation import ConvParams
-from .base import Backend, Case, InputPrologue, Tensor, bn_scale_shift
+from .base import Backend, Case, Tensor, bn_scale_shift
 
 _ACT_CODE = {kind: i for i, kind in enumerate(KINDS)}  # triton_kernels/conv.py ACT_*
 _MASKED = ("relu", "leaky_relu")
