@@ -18,6 +18,16 @@ if not torch.cuda.is_available():
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions and matmuls without TF32 for the test (tight comparisons); the
+    Triton kernels follow torch's convolution setting, so they run IEEE fp32 too."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -14,12 +14,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 against F.conv2d to 2e-5: both without TF32 (the kernel follows torch's setting)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+def _no_tf32(no_tf32):
+    """Compare against exact fp32 convolutions (conftest.no_tf32)."""
+
 
 # (N, Cin, Cout, H, W, k, stride, pad, dil, groups)
 SHAPES = [

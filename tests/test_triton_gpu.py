@@ -28,11 +28,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+def _no_tf32(no_tf32):
+    """Compare against exact fp32 convolutions (conftest.no_tf32)."""
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])

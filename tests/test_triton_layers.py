@@ -27,11 +27,8 @@ RELU = 1  # triton_kernels.conv.ACT_RELU
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+def _no_tf32(no_tf32):
+    """Compare against exact fp32 convolutions (conftest.no_tf32)."""
 
 
 def _inputs(shape, dtype):

@@ -115,35 +115,20 @@ def _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, sc, sh, ACT: tl.constexpr, SAVE: t
     """act'(u) * grad_y for elements idx, from the mask, u or y, or u = z * sc + sh recomputed
     from z (SAVE_RECOMPUTE; sc, sh from `_recompute_coef`, broadcast to idx's shape)."""
     g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(acc_t)
-    if SAVE == 4:
-        z = tl.load(z_ptr + idx, mask=ok, other=0.0)
-        # BN's output as the forward's prologue rounded it.
-        u = (z.to(sc.dtype) * sc + sh).to(z_ptr.dtype.element_ty).to(acc_t)
-        if ACT == 1:
-            g = tl.where(u <= 0, 0.0, g)
-        elif ACT == 2:
-            g = tl.where(u > 0, g, g * SLOPE)
-        elif ACT == 3:
-            sig = 1.0 / (1.0 + tl.exp(-u))
-            g = g * sig * (1.0 + u * (1.0 - sig))
-        elif ACT == 4:
-            cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
-            pdf = 0.3989422804014327 * tl.exp(-0.5 * u * u)
-            g = g * (cdf + u * pdf)
-        elif ACT == 5:
-            inner = 0.7978845608028654 * (u + 0.044715 * u * u * u)
-            t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
-            g = g * (0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654
-                     * (1.0 + 0.134145 * u * u))
-    elif SAVE == 1:
+    if SAVE == 1:
         word = tl.load(saved_ptr + idx // 32, mask=ok, other=0)
         pos = ((word >> (idx % 32).to(tl.int32)) & 1) != 0
         if ACT == 1:
             g = tl.where(pos, g, 0.0)
         else:
             g = tl.where(pos, g, g * SLOPE)
-    elif SAVE == 2 or SAVE == 3:
-        u = tl.load(saved_ptr + idx, mask=ok, other=0.0).to(acc_t)
+    elif SAVE >= 2:
+        if SAVE == 4:
+            z = tl.load(z_ptr + idx, mask=ok, other=0.0)
+            # BN's output as the forward's prologue rounded it.
+            u = (z.to(sc.dtype) * sc + sh).to(z_ptr.dtype.element_ty).to(acc_t)
+        else:
+            u = tl.load(saved_ptr + idx, mask=ok, other=0.0).to(acc_t)
         if ACT == 1:
             g = tl.where(u <= 0, 0.0, g)
         elif ACT == 2:
