@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import backend as dispatch, reference
 from .activations import ActivationLike, as_activation
 from .backend.base import Case
-from .backend.base import BackendUnavailable, acc_dtype
+from .backend.base import BackendUnavailable, acc_dtype, memory_format_of
 from .ops import BNActConvFunction, ConvBNActFunction, ConvStatsFunction, OpConfig
 from .sync_ops import SyncBNActConvFunction, SyncConvBNActFunction
 from .validation import (ConvParams, ResfuseInputError, check_batch_stats, check_bn, check_conv,
@@ -43,7 +43,7 @@ _NO_CONV = ConvParams()
 
 
 def _channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return memory_format_of(x) == torch.channels_last
 
 
 def _pre_pad(x: Tensor, cp: ConvParams) -> Tensor:

@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from . import backend as dispatch
 from .activations import Activation
-from .backend.base import InputPrologue, acc_dtype, bn_scale_shift
+from .backend.base import InputPrologue, acc_dtype, bn_scale_shift, memory_format_of
 from .folding import folded
 from .validation import ConvParams
 
@@ -71,13 +71,14 @@ def _empty(t: Tensor) -> Tensor:
     return t.new_empty(0)
 
 
-def x_format(x: Tensor) -> torch.memory_format:
-    """The memory format of a conv's output (every backend, and the fake implementations): x's
-    own, channels_last when x is channels_last (and not also contiguous), else NCHW. (aten's
-    convolution would also go channels_last for an NCHW x with a channels_last weight; the
-    ops fix one rule so that real and fake outputs agree, as torch.compile requires.)"""
-    return (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous() else torch.contiguous_format)
+def conv_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The memory format of a conv's output, on every backend and in the fake
+    implementations: channels_last when x or the weight is channels_last
+    (`memory_format_of`), else NCHW — what eager's convolution gives on cuDNN and oneDNN.
+    One rule, so that real and fake outputs agree, as torch.compile requires (aten's other
+    convolution paths may differ: their output is copied)."""
+    cl = torch.channels_last
+    return cl if cl in (memory_format_of(x), memory_format_of(weight)) else torch.contiguous_format
 
 
 def _with_strides(t: Optional[Tensor], target: Tensor) -> Optional[Tensor]:
@@ -88,9 +89,10 @@ def _with_strides(t: Optional[Tensor], target: Tensor) -> Optional[Tensor]:
                                device=t.device).copy_(t)
 
 
-def conv_output(y: Tensor, x: Tensor) -> Tensor:
-    """A conv output (real) in `x_format(x)`, as the fake implementations promise."""
-    return _with_strides(y, torch.empty(y.shape, device="meta", memory_format=x_format(x)))
+def conv_output(y: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """A conv output (real) in `conv_format(x, weight)`, as the fake implementations promise."""
+    return _with_strides(y, torch.empty(y.shape, device="meta",
+                                        memory_format=conv_format(x, weight)))
 
 
 def like(t: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
@@ -101,10 +103,11 @@ def like(t: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
 
 def fake_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
               groups: int) -> Tensor:
-    """The fake conv output: aten's shape, `x_format(x)`."""
+    """The fake conv output: aten's shape, `conv_format(x, weight)`."""
     y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0],
                                    groups)
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=x_format(x))
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device,
+                       memory_format=conv_format(x, weight))
 
 
 def _not_aliasing(t: Tensor, *inputs: Optional[Tensor]) -> Tensor:
@@ -153,7 +156,7 @@ def conv_bn_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     else:
         z = be.conv(x, weight, bias, p)
     if weight is not None:
-        z = conv_output(z, x)
+        z = conv_output(z, x, weight)
     y, mean, invstd, u = be.bn_act_forward(z, bn_weight, bn_bias, running_mean, running_var,
                                            num_batches_tracked, training, momentum, eps,
                                            residual, act, save_for_backward,
@@ -200,7 +203,8 @@ def conv_bn_act_infer(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     be = dispatch.get(backend)
     fw = folded(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
     return conv_output(be.conv_eval_folded(x, residual, Activation(activation, negative_slope),
-                                           _params(stride, padding, dilation, groups), fw), x)
+                                           _params(stride, padding, dilation, groups), fw),
+                       x, weight)
 
 
 @conv_bn_act_infer.register_fake
@@ -334,7 +338,7 @@ def bn_act_conv_fwd(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Te
     y, a, mean, invstd, stats = be.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var,
                                                num_batches_tracked, training, momentum, eps,
                                                given, act, weight, bias, residual, p, out_stats)
-    y = conv_output(y, x)
+    y = conv_output(y, x, weight)
     y_mean, y_var = stats if stats is not None else (_empty(x), _empty(x))
     if not save_for_backward:
         return y, _empty(x), _empty(x), _empty(x), y_mean, y_var
@@ -347,7 +351,7 @@ def conv_add_outputs(be, x: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, wei
                      save_for_backward: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The pre-activation forward's end: y = conv(a) + residual, and (y, a, mean, invstd)
     with a and the statistics only when saving."""
-    y = conv_output(be.conv(a, weight, bias, p), x)
+    y = conv_output(be.conv(a, weight, bias, p), x, weight)
     if residual is not None:
         y = y.add_(residual)
     if not save_for_backward:
@@ -496,7 +500,7 @@ def conv_stats_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Li
     be = dispatch.get(backend)
     z, stats = be.conv_stats(x, weight, bias, _params(stride, padding, dilation, groups))
     mean, var = stats if stats is not None else be.bn_stats(z)
-    return conv_output(z, x), mean, var
+    return conv_output(z, x, weight), mean, var
 
 
 @conv_stats_fwd.register_fake

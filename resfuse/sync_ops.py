@@ -97,7 +97,8 @@ def sync_conv_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     be = dispatch.get(backend)
     if weight is None:
         return _empty(x), _local_sums(be, x)
-    z = conv_output(be.conv(x, weight, bias, _params(stride, padding, dilation, groups)), x)
+    z = conv_output(be.conv(x, weight, bias, _params(stride, padding, dilation, groups)), x,
+                    weight)
     return z, _local_sums(be, z)
 
 

@@ -174,6 +174,10 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def channels_contiguous(weight: torch.Tensor) -> torch.Tensor:
     """The weight with input channels contiguous ([Cout, KH, KW, Cin/g] in memory: torch's
     channels_last), so a tile of (input channels x output channels) at one (r, s) is read
@@ -191,19 +195,20 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
            prologue: Optional[Prologue] = None, stats: bool = False,
            residual: Optional[torch.Tensor] = None, act: int = ACT_IDENTITY,
            slope: float = 0.0) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """y = conv2d(prologue(x), weight, bias) (+ residual, act) in x's memory format.
+    """y = conv2d(prologue(x), weight, bias) (+ residual, act) channels_last when x or the weight
+    is (as eager's convolution), else NCHW.
 
     With `stats=True` (no residual or activation then) also returns the per-tile statistics
     partials (count per tile, mean, M2) for `merge_stats`. Arguments are checked by the
     caller (resfuse.validation); this launcher assumes them valid."""
     N, C, H, W = x.shape
-    weight = channels_contiguous(weight)
+    weight_in, weight = weight, channels_contiguous(weight)
     Cout, cin_g, KH, KW = weight.shape
     cout_g = Cout // groups
     Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
     Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
-    fmt = torch.channels_last if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                                  and not x.is_contiguous()) else torch.contiguous_format
+    fmt = torch.channels_last if (_is_channels_last(x) or _is_channels_last(weight_in)) \
+        else torch.contiguous_format  # as eager's convolution (cuDNN, oneDNN)
     y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     M = N * Ho * Wo
     precision = "tf32" if x.dtype == torch.float32 and x.is_cuda and _conv_tf32() else "ieee"

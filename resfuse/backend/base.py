@@ -51,6 +51,13 @@ class Case(NamedTuple):
         return f"{self.op} on {self.device_type}, {self.dtype}, {layout}, groups={self.groups}"
 
 
+def memory_format_of(t: Tensor) -> torch.memory_format:
+    """t's memory format: channels_last when t is channels_last (and not also contiguous, as
+    tensors with unit spatial or channel sizes are), else NCHW (contiguous_format)."""
+    return (torch.channels_last if t.is_contiguous(memory_format=torch.channels_last)
+            and not t.is_contiguous() else torch.contiguous_format)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of statistics: fp64 for fp64 data, fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

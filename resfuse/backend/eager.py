@@ -17,7 +17,7 @@ import torch
 
 from ..activations import Activation
 from ..validation import ConvParams
-from .base import Backend, Tensor, acc_dtype
+from .base import Backend, Tensor, acc_dtype, memory_format_of
 
 
 def _acc(z: Tensor) -> torch.dtype:
@@ -64,7 +64,7 @@ def _cumulative_update(running_mean, running_var, batch_mean, batch_var, num_bat
 
 
 def _is_channels_last(t: Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return memory_format_of(t) == torch.channels_last
 
 
 def _packed_weight(folded, x: Tensor, args) -> Tensor:

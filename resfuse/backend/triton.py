@@ -37,7 +37,7 @@ import torch
 
 from ..activations import KINDS, Activation
 from ..validation import ConvParams
-from .base import Backend, Case, Tensor, bn_scale_shift
+from .base import Backend, Case, Tensor, bn_scale_shift, memory_format_of
 
 _ACT_CODE = {kind: i for i, kind in enumerate(KINDS)}  # triton_kernels/conv.py ACT_*
 _MASKED = ("relu", "leaky_relu")
@@ -68,12 +68,7 @@ def _k():
 def _contiguous(t: Tensor) -> Tensor:
     """t contiguous in its own memory format (NCHW or channels_last), as the BN kernels read
     it (any other strides: one copy)."""
-    return t.contiguous(memory_format=_format(t))
-
-
-def _format(t: Tensor) -> torch.memory_format:
-    return (torch.channels_last if t.is_contiguous(memory_format=torch.channels_last)
-            and not t.is_contiguous() else torch.contiguous_format)
+    return t.contiguous(memory_format=memory_format_of(t))
 
 
 def _like_weight(g: Tensor, weight: Tensor) -> Tensor:
@@ -252,7 +247,7 @@ class TritonBackend(Backend):
         if m_x:
             g_x = k.bwd.conv2d_input_grad(grad_y, weight, x.shape, p.stride, p.padding,
                                           p.dilation, p.groups, grad_prologue=gp,
-                                          channels_last=_format(x) == torch.channels_last)
+                                          channels_last=memory_format_of(x) == torch.channels_last)
         if m_w:
             g_w = _like_weight(k.bwd.conv2d_weight_grad(grad_y, x, weight.shape, p.stride,
                                                         p.padding, p.dilation, p.groups,
@@ -273,7 +268,7 @@ class TritonBackend(Backend):
             if _TRITON_PLAIN_CONV_BACKWARD:
                 g_x = k.bwd.conv2d_input_grad(grad, weight, x.shape, p.stride, p.padding,
                                               p.dilation, p.groups,
-                                              channels_last=_format(x) == torch.channels_last)
+                                              channels_last=memory_format_of(x) == torch.channels_last)
             else:
                 g_x, _, _ = super().conv_backward(grad, x, weight, False, p, [True, False, False])
         if m_w:
