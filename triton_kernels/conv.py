@@ -57,6 +57,18 @@ def _act(u, ACT: tl.constexpr, SLOPE: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b: fp64 exactly (out_dtype fp64), else at PRECISION ("tf32" or "ieee").
+    Both calls written as branches: a `return` inside a constexpr `if` does not stop Triton
+    from compiling the statement after it (fp64 accumulators reject the second call)."""
+    if ACC_FP64:
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     pro_scale_ptr, pro_shift_ptr,      # prologue: per input channel (Cin), accumulation dtype
@@ -114,10 +126,7 @@ def _conv_fwd_kernel(
                 b = tl.load(w_ptr + co.to(tl.int64)[None, :] * swo + ci_g[:, None] * swi
                             + r * swh + s * sww,
                             mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-                if ACC_FP64:
-                    acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
-                else:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = _dot(a, b, acc, ACC_FP64, PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(acc_t)[None, :]
@@ -169,6 +178,12 @@ def _conv_tf32() -> bool:
         return False
 
 
+def precision_for(x: torch.Tensor) -> str:
+    """The dot's input precision for x: "tf32" for fp32 on a GPU exactly when torch's
+    convolutions use TF32, else "ieee"."""
+    return "tf32" if x.dtype == torch.float32 and x.is_cuda and _conv_tf32() else "ieee"
+
+
 def _on_device(t: torch.Tensor):
     """Launch on t's GPU (Triton launches on the current device and its stream)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -211,9 +226,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         else torch.contiguous_format  # as eager's convolution (cuDNN, oneDNN)
     y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     M = N * Ho * Wo
-    precision = "tf32" if x.dtype == torch.float32 and x.is_cuda and _conv_tf32() else "ieee"
-    t = gemm_tiles(M, cout_g, cin_g, x.dtype, x.is_cuda,
-                   tensor_cores=x.dtype != torch.float32 or precision == "tf32")
+    precision = precision_for(x)
+    t = gemm_tiles(M, cout_g, cin_g, x.dtype, x.is_cuda, precision=precision)
     BM, BN, BK = t.rows, t.cols, t.red
     tiles_m = triton.cdiv(M, BM)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

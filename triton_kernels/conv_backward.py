@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .bn_act import SAVE_NONE, _grad_u, _in_layout_of, _recompute_coef
-from .conv import Prologue, _act, _conv_tf32, _on_device, channels_contiguous
+from .bn_act import SAVE_NONE, _acc, _grad_u, _in_layout_of, _recompute_coef
+from .conv import (Prologue, _act, _dot, _is_channels_last, _on_device, channels_contiguous,
+                   precision_for)
 from .tiles import gemm_tiles
 
 
@@ -85,17 +86,6 @@ def _grad_tile(g_ptr, saved_ptr, z_ptr, idx, ok, a, b, d, mean, rsc, rsh,
     else:
         g = tl.load(g_ptr + idx, mask=ok, other=0.0)
     return g
-
-
-@triton.jit
-def _dot(a, b, acc, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr):
-    # Both calls written as branches: a `return` inside a constexpr `if` does not stop Triton
-    # from compiling the statement after it (fp64 accumulators reject the second call).
-    if ACC_FP64:
-        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
 
 
 @triton.jit
@@ -229,14 +219,6 @@ def _conv_wgrad_kernel(
 
 
 # ---------------------------------------------------------------------------------- launchers
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _precision(x: torch.Tensor) -> str:
-    return "tf32" if x.dtype == torch.float32 and x.is_cuda and _conv_tf32() else "ieee"
-
-
 def _grad_args(grad: torch.Tensor, pro: Optional[GradPrologue]):
     """(g, saved, z, mean, coef, act, save, slope, scale_only) kernel arguments: with a grad
     prologue, grad_y in z's layout (the mask's bit order)."""
@@ -262,16 +244,14 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape, str
     cout_g = Cout // groups
     Ho, Wo = grad.shape[2], grad.shape[3]
     if channels_last is None:
-        channels_last = (grad.is_contiguous(memory_format=torch.channels_last)
-                         and not grad.is_contiguous())
+        channels_last = _is_channels_last(grad)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gx = torch.empty((N, C, H, W), device=grad.device, dtype=grad.dtype, memory_format=fmt)
     g, saved, z, mean, coef, act, save, slope, scale_only = _grad_args(grad, grad_prologue)
     M = N * H * W
-    precision = _precision(grad)
+    precision = precision_for(grad)
     t = gemm_tiles(M, cin_g, cout_g, grad.dtype, grad.is_cuda,
-                   operands=3 if grad_prologue is not None else 1,
-                   tensor_cores=grad.dtype != torch.float32 or precision == "tf32")
+                   operands=3 if grad_prologue is not None else 1, precision=precision)
     BM, BN, BK = t.rows, t.cols, t.red
     grid = (triton.cdiv(M, BM), triton.cdiv(cin_g, BN), groups)
     with _on_device(grad):
@@ -308,10 +288,9 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
     g, saved, z, mean, coef, act, save, slope, scale_only = _grad_args(grad, grad_prologue)
     L = N * Ho * Wo
     CRS = cin_g * KH * KW
-    precision = _precision(x)
+    precision = precision_for(x)
     t = gemm_tiles(cout_g, CRS, L, x.dtype, x.is_cuda,
-                   operands=3 if grad_prologue is not None else 1,
-                   tensor_cores=x.dtype != torch.float32 or precision == "tf32")
+                   operands=3 if grad_prologue is not None else 1, precision=precision)
     BM, BN, BK = t.rows, t.cols, t.red
     tiles = triton.cdiv(cout_g, BM) * triton.cdiv(CRS, BN) * groups
     split, per = _splits(L, tiles, BK)

@@ -37,17 +37,17 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def gemm_tiles(rows: int, cols: int, red: int, dtype: torch.dtype, on_gpu: bool, *,
-               operands: int = 1, tensor_cores: bool = True) -> Tiles:
+               operands: int = 1, precision: str = "tf32") -> Tiles:
     """Tiles of a (rows x red) @ (red x cols) implicit GEMM; `red` is the reduction length
     per step's inner dimension (input channels per group for a convolution); `operands` the
     full-size tensors read per element of the left operand (3 for BN-backward's apply on
     load: the gradient, z and the mask or u), whose per-stage buffers shrink the K step;
-    `tensor_cores` False for fp32 without TF32 (FMA: smaller tiles)."""
+    `precision` the dot's ("ieee" fp32 runs without tensor cores, on FMA: smaller tiles)."""
     if not on_gpu:
         return Tiles(_pow2(rows, 16, 64), _pow2(cols, 16, 64), _pow2(red, 16, 64), 4, 1)
     if dtype == torch.float64:
         return Tiles(64 if rows >= 64 else 32, _pow2(cols, 16, 64), 16, 4, 2)
-    if dtype == torch.float32 and not tensor_cores:
+    if dtype == torch.float32 and precision != "tf32":
         return Tiles(64, _pow2(cols, 16, 64), 16, 4, 2)
     wide = dtype in (torch.float16, torch.bfloat16)
     bm = 128 if rows >= 8192 else 64
