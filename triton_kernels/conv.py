@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import gemm_tiles
+from .tiles import pick_tiles
 
 # Activation codes: the order of resfuse.activations.KINDS.
 ACT_IDENTITY, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_GELU_TANH = range(6)
@@ -224,44 +224,52 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
     fmt = torch.channels_last if (_is_channels_last(x) or _is_channels_last(weight_in)) \
         else torch.contiguous_format  # as eager's convolution (cuDNN, oneDNN)
-    y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     M = N * Ho * Wo
     precision = precision_for(x)
-    t = gemm_tiles(M, cout_g, cin_g, x.dtype, x.is_cuda, precision=precision)
-    BM, BN, BK = t.rows, t.cols, t.red
-    tiles_m = triton.cdiv(M, BM)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if stats:
-        if residual is not None or act != ACT_IDENTITY:
-            raise ValueError("conv2d: stats=True computes the conv output's statistics; "
-                             "residual and activation come after BN")
-        st_mean = torch.empty((tiles_m, Cout), device=x.device, dtype=acc)
-        st_m2 = torch.empty_like(st_mean)
-    else:
-        st_mean = st_m2 = y  # unused
+    if stats and (residual is not None or act != ACT_IDENTITY):
+        raise ValueError("conv2d: stats=True computes the conv output's statistics; "
+                         "residual and activation come after BN")
     pro = prologue
-    dummy = y
-    res = residual if residual is not None else y
-    grid = (tiles_m, triton.cdiv(cout_g, BN), groups)
-    with _on_device(x):
-        _conv_fwd_kernel[grid](
-            x, weight, bias if bias is not None else dummy, y,
-            pro.scale if pro is not None else dummy, pro.shift if pro is not None else dummy,
-            res, st_mean, st_m2,
-            M, H, W, Ho, Wo, cin_g, cout_g,
-            *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            KH=KH, KW=KW, PRO_SLOPE=float(pro.slope) if pro is not None else 0.0,
-            EPI_SLOPE=float(slope), HAS_BIAS=bias is not None, PROLOGUE=pro is not None,
-            PRO_ACT=pro.act if pro is not None else 0, STATS=stats,
-            HAS_RES=residual is not None, EPI_ACT=act, ACC_FP64=x.dtype == torch.float64,
-            PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch(),
-        )
-    if not stats:
-        return y, None
-    counts = torch.full((tiles_m, 1), BM, device=x.device, dtype=acc)
-    counts[-1] = M - BM * (tiles_m - 1)
-    return y, (counts, st_mean, st_m2)
+
+    def run(t):
+        y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=fmt)
+        BM, BN, BK = t.rows, t.cols, t.red
+        tiles_m = triton.cdiv(M, BM)
+        if stats:
+            st_mean = torch.empty((tiles_m, Cout), device=x.device, dtype=acc)
+            st_m2 = torch.empty_like(st_mean)
+        else:
+            st_mean = st_m2 = y  # unused
+        dummy = y
+        res = residual if residual is not None else y
+        grid = (tiles_m, triton.cdiv(cout_g, BN), groups)
+        with _on_device(x):
+            _conv_fwd_kernel[grid](
+                x, weight, bias if bias is not None else dummy, y,
+                pro.scale if pro is not None else dummy, pro.shift if pro is not None else dummy,
+                res, st_mean, st_m2,
+                M, H, W, Ho, Wo, cin_g, cout_g,
+                *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                KH=KH, KW=KW, PRO_SLOPE=float(pro.slope) if pro is not None else 0.0,
+                EPI_SLOPE=float(slope), HAS_BIAS=bias is not None, PROLOGUE=pro is not None,
+                PRO_ACT=pro.act if pro is not None else 0, STATS=stats,
+                HAS_RES=residual is not None, EPI_ACT=act, ACC_FP64=x.dtype == torch.float64,
+                PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch(),
+            )
+        if not stats:
+            return y, None
+        counts = torch.full((tiles_m, 1), BM, device=x.device, dtype=acc)
+        counts[-1] = M - BM * (tiles_m - 1)
+        return y, (counts, st_mean, st_m2)
+
+    key = (tuple(x.shape), _is_channels_last(x), tuple(weight.shape), tuple(stride),
+           tuple(padding), tuple(dilation), groups, x.dtype, fmt, bias is not None,
+           pro.act if pro is not None else None, stats, residual is not None, act, precision)
+    t = pick_tiles("conv_fwd", key, run, x.device, M, cout_g, cin_g, x.dtype,
+                   precision=precision)
+    return run(t)
 
 
 def merge_stats(partials: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]

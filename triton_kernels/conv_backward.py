@@ -31,7 +31,7 @@ import triton.language as tl
 from .bn_act import SAVE_NONE, _acc, _grad_u, _in_layout_of, _recompute_coef
 from .conv import (Prologue, _act, _dot, _is_channels_last, _on_device, channels_contiguous,
                    precision_for)
-from .tiles import gemm_tiles
+from .tiles import pick_tiles
 
 
 class GradPrologue(NamedTuple):
@@ -246,24 +246,32 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape, str
     if channels_last is None:
         channels_last = _is_channels_last(grad)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    gx = torch.empty((N, C, H, W), device=grad.device, dtype=grad.dtype, memory_format=fmt)
     g, saved, z, mean, coef, act, save, slope, scale_only = _grad_args(grad, grad_prologue)
     M = N * H * W
     precision = precision_for(grad)
-    t = gemm_tiles(M, cin_g, cout_g, grad.dtype, grad.is_cuda,
-                   operands=3 if grad_prologue is not None else 1, precision=precision)
-    BM, BN, BK = t.rows, t.cols, t.red
-    grid = (triton.cdiv(M, BM), triton.cdiv(cin_g, BN), groups)
-    with _on_device(grad):
-        _conv_dgrad_kernel[grid](
-            g, saved, z, mean, coef, weight, gx,
-            M, H, W, Ho, Wo, cin_g, cout_g, Cout,
-            *g.stride(), *weight.stride(), *gx.stride(),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            KH=KH, KW=KW, SLOPE=slope, GRAD_PRO=grad_prologue is not None, ACT=act, SAVE=save,
-            SCALE_ONLY=scale_only, ACC_FP64=grad.dtype == torch.float64,
-            PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch())
-    return gx
+    operands = 3 if grad_prologue is not None else 1
+
+    def run(t):
+        gx = torch.empty((N, C, H, W), device=grad.device, dtype=grad.dtype, memory_format=fmt)
+        BM, BN, BK = t.rows, t.cols, t.red
+        grid = (triton.cdiv(M, BM), triton.cdiv(cin_g, BN), groups)
+        with _on_device(grad):
+            _conv_dgrad_kernel[grid](
+                g, saved, z, mean, coef, weight, gx,
+                M, H, W, Ho, Wo, cin_g, cout_g, Cout,
+                *g.stride(), *weight.stride(), *gx.stride(),
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                KH=KH, KW=KW, SLOPE=slope, GRAD_PRO=grad_prologue is not None, ACT=act,
+                SAVE=save, SCALE_ONLY=scale_only, ACC_FP64=grad.dtype == torch.float64,
+                PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch())
+        return gx
+
+    key = (tuple(input_shape), _is_channels_last(g), tuple(weight.shape), tuple(stride),
+           tuple(padding), tuple(dilation), groups, grad.dtype, fmt, grad_prologue is not None,
+           act, save, scale_only, precision)
+    t = pick_tiles("conv_dgrad", key, run, grad.device, M, cin_g, cout_g, grad.dtype,
+                   operands=operands, precision=precision)
+    return run(t)
 
 
 def _splits(L: int, programs: int, block_k: int) -> Tuple[int, int]:
@@ -289,26 +297,35 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
     L = N * Ho * Wo
     CRS = cin_g * KH * KW
     precision = precision_for(x)
-    t = gemm_tiles(cout_g, CRS, L, x.dtype, x.is_cuda,
-                   operands=3 if grad_prologue is not None else 1, precision=precision)
-    BM, BN, BK = t.rows, t.cols, t.red
-    tiles = triton.cdiv(cout_g, BM) * triton.cdiv(CRS, BN) * groups
-    split, per = _splits(L, tiles, BK)
+    operands = 3 if grad_prologue is not None else 1
     acc = _acc(x.dtype)
-    part = torch.empty((split, Cout, CRS), device=x.device, dtype=acc)
     pro = prologue
-    grid = (triton.cdiv(cout_g, BM), triton.cdiv(CRS, BN), groups * split)
-    with _on_device(x):
-        _conv_wgrad_kernel[grid](
-            g, saved, z, mean, coef, x,
-            pro.scale if pro is not None else x, pro.shift if pro is not None else x, part,
-            L, H, W, Ho, Wo, cin_g, cout_g, Cout, CRS, split, per,
-            *g.stride(), *x.stride(),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            KH=KH, KW=KW, SLOPE=slope, PRO_SLOPE=float(pro.slope) if pro is not None else 0.0,
-            GRAD_PRO=grad_prologue is not None, ACT=act, SAVE=save, SCALE_ONLY=scale_only,
-            PROLOGUE=pro is not None, PRO_ACT=pro.act if pro is not None else 0,
-            ACC_FP64=x.dtype == torch.float64, PRECISION=precision,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch())
-    gw = part[0] if split == 1 else part.sum(0)
+
+    def run(t):
+        BM, BN, BK = t.rows, t.cols, t.red
+        tiles = triton.cdiv(cout_g, BM) * triton.cdiv(CRS, BN) * groups
+        split, per = _splits(L, tiles, BK)
+        part = torch.empty((split, Cout, CRS), device=x.device, dtype=acc)
+        grid = (triton.cdiv(cout_g, BM), triton.cdiv(CRS, BN), groups * split)
+        with _on_device(x):
+            _conv_wgrad_kernel[grid](
+                g, saved, z, mean, coef, x,
+                pro.scale if pro is not None else x, pro.shift if pro is not None else x, part,
+                L, H, W, Ho, Wo, cin_g, cout_g, Cout, CRS, split, per,
+                *g.stride(), *x.stride(),
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                KH=KH, KW=KW, SLOPE=slope, PRO_SLOPE=float(pro.slope) if pro is not None else 0.0,
+                GRAD_PRO=grad_prologue is not None, ACT=act, SAVE=save, SCALE_ONLY=scale_only,
+                PROLOGUE=pro is not None, PRO_ACT=pro.act if pro is not None else 0,
+                ACC_FP64=x.dtype == torch.float64, PRECISION=precision,
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **t.launch())
+        return part[0] if split == 1 else part.sum(0)
+
+    key = (tuple(x.shape), _is_channels_last(x), _is_channels_last(g), tuple(weight_shape),
+           tuple(stride), tuple(padding), tuple(dilation), groups, x.dtype,
+           grad_prologue is not None, act, save, scale_only,
+           pro.act if pro is not None else None, precision)
+    t = pick_tiles("conv_wgrad", key, run, x.device, cout_g, CRS, L, x.dtype,
+                   operands=operands, precision=precision)
+    gw = run(t)
     return gw.view(Cout, KH, KW, cin_g).permute(0, 3, 1, 2).contiguous()
