@@ -20,7 +20,9 @@ gives registers and spills.
   bytes, shared memory, and whether the dots became wgmma (sm_90) or mma.sync.
 
 Exits 1 when a configuration fails to compile or needs more shared memory than the target
-has per block. Spills are reported, not judged (they cost speed, not correctness).
+has per block, when a case launches no kernel, when ptxas reports nothing for a compile, or
+when a job crashes or runs past its time limit. Spills are reported, not judged (they cost
+speed, not correctness; the autotuner's timing judges them).
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ FULL_JOBS = [(p, d, part) for part in ("gemm", "gemm_small")
 QUICK_JOBS = [(p, d, "gemm_quick") for p, d in [("tf32", "bfloat16"), ("tf32", "float32"),
                                                 ("ieee", "float32"), ("ieee", "float64")]] + \
              [("ieee", d, "bn_quick") for d in ("bfloat16", "float32", "float64")]
+
+JOB_TIMEOUT_S = 1800  # one job; the slowest full job takes about 3 minutes on one core
 
 COLUMNS = ["job", "case", "kernel", "BLOCK_M_or_R", "BLOCK_N_or_C", "BLOCK_K_or_BLOCK",
            "num_warps", "num_stages", "compiled", "registers", "spill_store_bytes",
@@ -107,7 +111,7 @@ def _stub_triton(arch: int, precision: str, candidates: bool):
         tiles._TUNE_ON_CPU = True
         tiles._bench = lambda fn: (fn(), 1.0)[1]
 
-    records, label = [], {"case": ""}
+    records, label = [], {"case": "", "all": []}
     by_hash = {}
 
     def launch_as_compile(self, grid):
@@ -157,6 +161,7 @@ def _run_job(precision: str, dtname: str, part: str, arch: int, candidates: bool
 
     def case(text):
         label["case"] = f"{precision}|{dtname}|{text}"
+        label["all"].append(label["case"])
 
     if part.startswith("gemm"):
         shapes = {"gemm": SHAPES, "gemm_small": SMALL_SHAPES, "gemm_quick": QUICK_SHAPES}[part]
@@ -202,7 +207,7 @@ def _run_job(precision: str, dtname: str, part: str, arch: int, candidates: bool
                 case(tag + "|wgrad prologue(silu) + grad-prologue(recompute, gelu, 1 row)")
                 CB.conv2d_weight_grad(grad, x, w.shape, *geo, grad_prologue=gp_rec,
                                       prologue=TC.Prologue(sc, sh, TC.ACT_SILU, 0.0))
-        return records
+        return dict(records=records, cases=label["all"])
 
     N, C, H, W = 4, 64, 14, 14
     for cl in ([True] if part == "bn_quick" else [True, False]):
@@ -228,7 +233,7 @@ def _run_job(precision: str, dtname: str, part: str, arch: int, candidates: bool
             for rows in (3, 1):
                 case(tag + f"|backward_apply save={save} act={act} coef rows={rows}")
                 BA.backward_apply(gy, saved_for[save], save, z, mean, E(rows, C, d=acc), act, 0.01)
-    return records
+    return dict(records=records, cases=label["all"])
 
 
 # ------------------------------------------------------------------------------ the driver
@@ -237,11 +242,15 @@ def _spawn(job, arch: int, candidates: bool, cache_root: str):
     """One job in its own process (a fresh Triton cache: every compile runs ptxas)."""
     precision, dtname, part = job
     env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(cache_root, "_".join(job)))
-    env.pop("TRITON_INTERPRET", None)
+    for name in ("TRITON_INTERPRET", "RESFUSE_TRITON_AUTOTUNE", "RESFUSE_TRITON_AUTOTUNE_CACHE"):
+        env.pop(name, None)  # (--candidates turns the tuner on in the job itself)
     cmd = [sys.executable, os.path.abspath(__file__), "--one-job", precision, dtname, part,
            "--arch", str(arch)] + (["--candidates"] if candidates else [])
     t0 = time.time()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return job, None, f"no result within {JOB_TIMEOUT_S} s", time.time() - t0
     if out.returncode != 0:
         return job, None, f"exit {out.returncode}: {out.stderr[-2000:]}", time.time() - t0
     return job, json.loads(out.stdout.strip().splitlines()[-1]), None, time.time() - t0
@@ -270,16 +279,21 @@ def main(argv=None) -> int:
           flush=True)
     rows, failed = [], 0
     with tempfile.TemporaryDirectory() as cache_root, ThreadPoolExecutor(a.jobs) as pool:
-        for job, recs, err, secs in pool.map(lambda j: _spawn(j, a.arch, a.candidates,
-                                                              cache_root), jobs):
+        for job, result, err, secs in pool.map(lambda j: _spawn(j, a.arch, a.candidates,
+                                                                cache_root), jobs):
             name = "_".join(job)
-            if recs is None:
+            if result is None:
                 failed += 1
                 print(f"  {name}: the job failed: {err}")
                 continue
+            recs = result["records"]
+            launched = {r["case"] for r in recs}
+            silent = [c for c in result["cases"] if c not in launched] or \
+                ([] if result["cases"] else ["(no case ran)"])
             bad = [r for r in recs if not r["compiled"]]
             big = [r for r in recs if r["compiled"] and limit and r["shared_bytes"] > limit]
-            failed += len(bad) + len(big)
+            unreported = [r for r in recs if r["compiled"] and r.get("registers") is None]
+            failed += len(bad) + len(big) + len(silent) + len(unreported)
             regs = [r["registers"] for r in recs if r.get("registers") is not None]
             spills = [r for r in recs if (r.get("spill_store_bytes") or 0) > 0]
             smem = max((r.get("shared_bytes") or 0) for r in recs) if recs else 0
@@ -290,6 +304,10 @@ def main(argv=None) -> int:
                   flush=True)
             for r in bad:
                 print(f"    FAILED {r['case']} {r['kernel']} {r['blocks']}: {r['error']}")
+            for c in silent:
+                print(f"    NO KERNEL LAUNCHED for {c}")
+            for r in unreported:
+                print(f"    NO PTXAS REPORT for {r['case']} {r['kernel']} {r['blocks']}")
             for r in big:
                 print(f"    OVER THE SHARED MEMORY LIMIT {r['case']} {r['kernel']} {r['blocks']}: "
                       f"{r['shared_bytes']} B")

@@ -76,18 +76,27 @@ def test_candidates_start_with_the_default_and_fit_the_problem():
                 assert t.num_warps in (4, 8) and t.num_stages in (2, 3, 4)
 
 
+def _candidates():
+    return T.gemm_candidates(PROBLEM["rows"], PROBLEM["cols"], PROBLEM["red"], PROBLEM["dtype"],
+                             precision="ieee")
+
+
+def _out_of_resources():
+    from triton.runtime.errors import OutOfResources
+    return OutOfResources(300000, 232448, "shared memory")
+
+
 def test_picks_the_fastest_skips_failures_and_keeps_the_choice(monkeypatch):
-    candidates = T.gemm_candidates(PROBLEM["rows"], PROBLEM["cols"], PROBLEM["red"],
-                                   PROBLEM["dtype"], precision="ieee")
+    candidates = _candidates()
     fastest, broken = candidates[2], candidates[1]
     times = {t: 1.0 + i for i, t in enumerate(candidates)}
     times[fastest] = 0.5
-    times[broken] = 0.1  # would win, but fails to run
+    times[broken] = 0.1  # would win, but does not fit
 
     def run(t):
         ran.append(t)
         if t == broken:
-            raise RuntimeError("out of resources")
+            raise _out_of_resources()
         return t
 
     _tune_here(monkeypatch, lambda fn: times[fn()])
@@ -99,25 +108,74 @@ def test_picks_the_fastest_skips_failures_and_keeps_the_choice(monkeypatch):
     assert _pick(run, key=("other",)) == fastest and ran  # another key is tuned on its own
 
 
+def test_a_bug_is_raised_not_skipped(monkeypatch):
+    def run(t):
+        raise TypeError("a bug in the launcher")
+    _tune_here(monkeypatch, lambda fn: fn())
+    with pytest.raises(TypeError, match="a bug"):
+        _pick(run)
+
+
+def test_when_nothing_fits_the_default_is_left_to_raise_and_nothing_is_kept(monkeypatch,
+                                                                             tmp_path):
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv(T.AUTOTUNE_CACHE_ENV, str(path))
+    ran = []
+
+    def run(t):
+        ran.append(t)
+        raise _out_of_resources()
+    _tune_here(monkeypatch, lambda fn: fn())
+    assert _pick(run) == _default() and T._chosen == {} and not path.exists()
+    assert len(ran) == len(_candidates())
+
+
+def test_inside_graph_capture_the_default_is_kept_for_the_process(monkeypatch):
+    ran = []
+    _tune_here(monkeypatch, lambda fn: fn() or 1.0)
+    monkeypatch.setattr(T, "_capturing", lambda device: True)
+    assert _pick(ran.append) == _default() and ran == []
+    monkeypatch.setattr(T, "_capturing", lambda device: False)
+    assert _pick(ran.append) == _default() and ran == []  # the same tiles as in the graph
+
+
 def test_choices_survive_the_process_through_the_cache_file(monkeypatch, tmp_path):
     path = tmp_path / "sub" / "tiles.json"
     monkeypatch.setenv(T.AUTOTUNE_CACHE_ENV, str(path))
-    candidates = T.gemm_candidates(PROBLEM["rows"], PROBLEM["cols"], PROBLEM["red"],
-                                   PROBLEM["dtype"], precision="ieee")
-    want = candidates[-1]
+    want = _candidates()[-1]
     _tune_here(monkeypatch, lambda fn: 0.0 if fn() == want else 1.0)
     assert _pick(lambda t: t) == want
     saved = json.loads(path.read_text())
     assert list(saved.values()) == [list(want)]
-    monkeypatch.setattr(T, "_chosen", {})  # a new process: only the file remembers
-    monkeypatch.setattr(T, "_cache_loaded", {})
+
+    def new_process():  # only the file remembers
+        monkeypatch.setattr(T, "_chosen", {})
+        monkeypatch.setattr(T, "_cache_loaded", {})
+    new_process()
     ran = []
     assert _pick(ran.append) == want and ran == []
-    path.write_text("{not json")  # a damaged file is read as empty, and rewritten
-    monkeypatch.setattr(T, "_chosen", {})
-    monkeypatch.setattr(T, "_cache_loaded", {})
-    assert _pick(lambda t: t) == want
-    assert list(json.loads(path.read_text()).values()) == [list(want)]
+    for damaged in ("{not json", json.dumps({k: [1, 2] for k in saved}),
+                    json.dumps({k: [9999, 16, 16, 4, 2] for k in saved})):
+        path.write_text(damaged)  # unreadable, malformed, or not a candidate: tuned again
+        new_process()
+        assert _pick(lambda t: t) == want
+        assert list(json.loads(path.read_text()).values()) == [list(want)]
+
+
+def test_the_first_choice_written_wins(monkeypatch, tmp_path):
+    """Two processes tuning the same problem at once: the second adopts the first's choice."""
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv(T.AUTOTUNE_CACHE_ENV, str(path))
+    mine, theirs = _candidates()[1], _candidates()[2]
+    name = T._problem_name("test", ("k",), CPU)
+
+    def clock(fn):
+        if not path.exists():  # the other process finishes while this one is timing
+            path.write_text(json.dumps({name: list(theirs)}))
+        return 0.0 if fn() == mine else 1.0
+    _tune_here(monkeypatch, clock)
+    assert _pick(lambda t: t) == theirs
+    assert json.loads(path.read_text()) == {name: list(theirs)}
 
 
 # ------------------------------------------------------- every candidate computes the right thing
@@ -142,15 +200,18 @@ def _close(a, b, dtype):
 
 def _data(dtype, channels_last, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 12, 15, 15, generator=gen, dtype=dtype)
+    x = torch.randn(2, 80, 9, 9, generator=gen, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(20, 6, 3, 3, generator=gen, dtype=dtype) / 7
-    scale = torch.rand(12, generator=gen, dtype=dtype) + 0.5
-    shift = torch.randn(12, generator=gen, dtype=dtype)
+    w = torch.randn(COUT, 40, 3, 3, generator=gen, dtype=dtype) / 20
+    scale = torch.rand(80, generator=gen, dtype=dtype) + 0.5
+    shift = torch.randn(80, generator=gen, dtype=dtype)
     return x, w, scale, shift
 
 
+# Two groups of 40 -> 72 channels: several K steps, and more than one column tile for some
+# candidates; 2x5x5 outputs: more than one row tile for 32-row candidates.
+COUT = 144
 CONV = dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=2)
 
 
@@ -172,14 +233,27 @@ def test_every_forward_candidate(monkeypatch, dtype, channels_last):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_every_forward_candidate_with_the_eval_epilogue(monkeypatch, dtype):
+    x, w, _, _ = _data(dtype, True)
+    bias = torch.randn(COUT, dtype=dtype)
+    res = torch.randn(2, COUT, 5, 5, dtype=dtype)
+    ref = torch.relu(F.conv2d(x, w, bias, **CONV) + res)
+    results = _record_every_candidate(monkeypatch)
+    y, _ = TC.conv2d(x, w, bias, *CONV.values(), residual=res, act=TC.ACT_RELU)
+    assert len(results) > 2
+    for y_t, _ in results + [(y, None)]:
+        _close(y_t, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_every_data_gradient_candidate(monkeypatch, dtype):
     x, w, _, _ = _data(dtype, True)
     gen = torch.Generator().manual_seed(1)
-    z = torch.randn(2, 20, 8, 8, generator=gen, dtype=dtype).contiguous(
+    z = torch.randn(2, COUT, 5, 5, generator=gen, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     gy = torch.randn_like(z)
     mean = z.mean((0, 2, 3))
-    coef = torch.randn(3, 20, dtype=dtype, generator=gen)
+    coef = torch.randn(3, COUT, dtype=dtype, generator=gen)
     u = torch.randn_like(z)  # the saved pre-activation (BA.SAVE_INPUT-style "u")
     gz = BA.backward_apply(gy, u, BA.SAVE_INPUT, z, mean, coef, TC.ACT_SILU, 0.0)
     ref = torch.ops.aten.convolution_backward(
@@ -197,7 +271,7 @@ def test_every_data_gradient_candidate(monkeypatch, dtype):
 def test_every_weight_gradient_candidate(monkeypatch, dtype):
     x, w, scale, shift = _data(dtype, False)
     a = F.leaky_relu(x * scale[:, None, None] + shift[:, None, None], 0.1)
-    gy = torch.randn(2, 20, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    gy = torch.randn(2, COUT, 5, 5, dtype=dtype, generator=torch.Generator().manual_seed(2))
     ref = torch.ops.aten.convolution_backward(
         gy, a, w, None, list(CONV["stride"]), list(CONV["padding"]), list(CONV["dilation"]),
         False, [0, 0], CONV["groups"], (False, True, False))[1]
@@ -206,6 +280,6 @@ def test_every_weight_gradient_candidate(monkeypatch, dtype):
                                prologue=TC.Prologue(scale, shift, TC.ACT_LEAKY_RELU, 0.1))
     assert len(results) > 2
     for got in results:
-        got = got.view(20, 3, 3, 6).permute(0, 3, 1, 2)  # (the launcher's own result: below)
+        got = got.view(COUT, 3, 3, 40).permute(0, 3, 1, 2)  # (the launcher's own result: below)
         _close(got, ref, dtype)
     _close(gw, ref, dtype)

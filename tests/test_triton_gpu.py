@@ -5,8 +5,8 @@ other test files). `bench/gpu_check.sh` runs it on a lent GPU.
 Every fused op in fp32 (TF32 off, so BN math compares tightly), fp16, bf16 and fp64, NCHW,
 channels_last and odd strides, every activation and BN mode; every distinct conv layer of
 ResNet-18/50/101 and ResNeXt-50 at its own spatial size; a residual block as the chain;
-determinism; and a converted ResNet-50 training step against eager (loss, every gradient,
-running statistics)."""
+determinism (also with the opt-in autotuner); and a converted ResNet-50 training step against
+eager (loss, every gradient, running statistics)."""
 import copy
 
 import pytest
@@ -116,3 +116,16 @@ def test_deterministic(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_converted_resnet50_training_step(dtype):
     check_converted_resnet50_step("triton", dtype, DEV)
+
+
+def test_autotuned_block_chain(monkeypatch, tmp_path):
+    """With the opt-in autotuner on (tiles.py), a block in training is still right, two steps
+    in the process give identical bits, and the choices go to the cache file."""
+    from resfuse.triton_kernels import tiles
+    monkeypatch.setattr(tiles, "_chosen", {})
+    monkeypatch.setattr(tiles, "_cache_loaded", {})
+    monkeypatch.setenv(tiles.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(tiles.AUTOTUNE_CACHE_ENV, str(tmp_path / "tiles.json"))
+    test_block_chain(dict(in_channels=256, channels=64, bottleneck=True), torch.bfloat16)
+    assert tiles._chosen and (tmp_path / "tiles.json").exists()
+    test_deterministic(torch.bfloat16)

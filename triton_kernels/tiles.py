@@ -17,15 +17,19 @@ Autotuning (opt-in: RESFUSE_TRITON_AUTOTUNE=1; GPU only): `pick_tiles` times a s
 set of H100-class configurations around that choice on the first call of each shape and keeps
 the fastest for the process. It is off by default because the tile shape decides the order in
 which the BN statistics and the split weight-gradient reduction add their partials: with it on,
-two calls in one process still give identical bits, but two processes may choose differently
-(timing noise) unless RESFUSE_TRITON_AUTOTUNE_CACHE names a JSON file in which the choices are
-kept and reused. Never tunes inside CUDA-graph capture (it uses the cached or default tiles).
+one process runs one choice per shape (identical bits from call to call), but two processes may
+choose differently (timing noise) unless RESFUSE_TRITON_AUTOTUNE_CACHE names a JSON file: the
+first choice written there for a shape is the one every process then runs. A shape first met
+inside CUDA-graph capture is not timed: it keeps the default tiles for the process.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -76,8 +80,8 @@ AUTOTUNE_ENV = "RESFUSE_TRITON_AUTOTUNE"
 AUTOTUNE_CACHE_ENV = "RESFUSE_TRITON_AUTOTUNE_CACHE"
 
 # (rows, cols, red, num_warps, num_stages) per kind of dot, after Triton's H100 matmul configs;
-# each is clipped to the problem (`gemm_candidates`). Configurations that do not fit (shared
-# memory, registers) fail to compile and are skipped.
+# each is clipped to the problem (`gemm_candidates`). A configuration whose shared memory does
+# not fit fails to compile and is skipped (register pressure only spills: timing judges that).
 _CANDIDATES: Dict[str, List[tuple]] = {
     "16bit": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
@@ -90,15 +94,40 @@ _CANDIDATES: Dict[str, List[tuple]] = {
              (128, 64, 16, 8, 2)],
 }
 
-_chosen: Dict[str, Tiles] = {}   # this process's choices (and the cache file's, once read)
-_cache_loaded: Dict[str, bool] = {}
-_TUNE_ON_CPU = False             # tests: tune under the interpreter (timing means nothing there)
+_chosen: Dict[str, Tiles] = {}           # this process's choice per problem
+_cache_loaded: Dict[str, Dict[str, list]] = {}   # a cache file's entries, read once per path
+_TUNE_ON_CPU = False                     # tests: tune under the interpreter (timing means nothing)
+
+
+def _source_hash() -> str:
+    """The kernels' and tiles' source: a cache file's choices made for other kernel code are
+    not reused."""
+    h = hashlib.sha256()
+    folder = os.path.dirname(os.path.abspath(__file__))
+    for name in ("conv.py", "conv_backward.py", "bn_act.py", "tiles.py"):
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+_SOURCE = _source_hash()
 
 
 def _bench(fn: Callable[[], object]) -> float:
     """fn's median time in ms (GPU)."""
     import triton.testing
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def _not_a_candidate_errors() -> tuple:
+    """What a configuration that cannot run on this GPU raises (at compile or launch): such a
+    configuration is skipped. Anything else is a bug and is raised."""
+    import triton.compiler.errors as compile_errors
+    import triton.runtime.errors as runtime_errors
+    found = [getattr(runtime_errors, "OutOfResources", None),
+             getattr(runtime_errors, "PTXASError", None),
+             getattr(compile_errors, "CompilationError", None), torch.cuda.OutOfMemoryError]
+    return tuple(e for e in found if e is not None)
 
 
 def _kind(dtype: torch.dtype, precision: str) -> str:
@@ -113,13 +142,16 @@ def gemm_candidates(rows: int, cols: int, red: int, dtype: torch.dtype, *, opera
                     precision: str = "tf32") -> List[Tiles]:
     """The configurations `pick_tiles` times: the default (`gemm_tiles`) first, then the fixed
     set for the dot's kind, each dimension clipped to the problem (never below the default's:
-    a tile wider than the problem only masks more), without repeats."""
+    a tile wider than the problem only masks more; the K step at most the default's cap where
+    the prologue reads three tensors), without repeats."""
     base = gemm_tiles(rows, cols, red, dtype, True, operands=operands, precision=precision)
+    kind = _kind(dtype, precision)
+    red_cap = 256 if operands == 1 else (32 if kind == "16bit" else 16)
     out = [base]
-    for r, c, k, w, s in _CANDIDATES[_kind(dtype, precision)]:
+    for r, c, k, w, s in _CANDIDATES[kind]:
         t = Tiles(min(r, max(base.rows, _pow2(rows, 16, 256))),
                   min(c, max(base.cols, _pow2(cols, 16, 256))),
-                  min(k, max(base.red, _pow2(red, 16, 256))), w, s)
+                  min(k, red_cap, max(base.red, _pow2(red, 16, 256))), w, s)
         if t not in out:
             out.append(t)
     return out
@@ -127,10 +159,6 @@ def gemm_candidates(rows: int, cols: int, red: int, dtype: torch.dtype, *, opera
 
 def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _cache_path() -> Optional[str]:
-    return os.environ.get(AUTOTUNE_CACHE_ENV) or None
 
 
 def _read_cache(path: str) -> Dict[str, list]:
@@ -142,21 +170,64 @@ def _read_cache(path: str) -> Dict[str, list]:
         return {}
 
 
-def _write_cache(path: str, name: str, t: Tiles) -> None:
-    """Adds one choice to the file (read, merge, atomic replace: a concurrent writer loses at
-    most its own entry, which is timed again next time)."""
-    data = _read_cache(path)
-    data[name] = list(t)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".resfuse-tune-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=0, sort_keys=True)
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock beside the cache file (POSIX; elsewhere none)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _valid(entry, candidates: List[Tiles]) -> Optional[Tiles]:
+    """A cache entry as Tiles, if it is one of today's candidates for the problem."""
+    try:
+        t = Tiles(*[int(v) for v in entry])
+    except (TypeError, ValueError):
+        return None
+    return t if t in candidates else None
+
+
+def _settle(path: str, name: str, best: Tiles, candidates: List[Tiles]) -> Tiles:
+    """Writes `best` for `name` unless another process wrote a valid choice first, which is
+    then adopted (under a lock: every process runs the first choice). A file that cannot be
+    written leaves the choice to this process, with a warning."""
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with _locked(path):
+            data = _read_cache(path)
+            first = _valid(data.get(name), candidates)
+            if first is not None:
+                return first
+            data[name] = list(best)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".resfuse-tune-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"resfuse: cannot write the autotune cache {path}: {e}", stacklevel=3)
+    return best
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _problem_name(kernel: str, key: tuple, device: torch.device) -> str:
+    """A choice's name: the kernel and problem, and the GPU, Triton and source it was made on."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{kernel}|{where}|triton {triton.__version__}|{_SOURCE}|{key}"
 
 
 def pick_tiles(kernel: str, key: tuple, run: Callable[[Tiles], object], device: torch.device,
@@ -164,33 +235,40 @@ def pick_tiles(kernel: str, key: tuple, run: Callable[[Tiles], object], device: 
                precision: str = "tf32") -> Tiles:
     """The tiles to launch `kernel` with: `gemm_tiles`' choice, or with autotuning on (GPU), the
     fastest of `gemm_candidates` for this `key` (everything that selects the compiled kernel and
-    its sizes: shapes, strides' layout, dtype, the fused stages), timed once by calling
-    `run(tiles)` (which must only write its own outputs) and kept for the process."""
+    its sizes: shapes, layouts, dtype, the fused stages), timed once by calling `run(tiles)`
+    (which must only write outputs it allocates) and kept for the process."""
     on_gpu = device.type == "cuda"
     base = gemm_tiles(rows, cols, red, dtype, on_gpu, operands=operands, precision=precision)
     if not (autotune_enabled() and (on_gpu or _TUNE_ON_CPU)):
         return base
-    where = torch.cuda.get_device_name(device) if on_gpu else "cpu"
-    name = f"{kernel}|{where}|triton {triton.__version__}|{key}"
-    path = _cache_path()
-    if name not in _chosen and path is not None and not _cache_loaded.get(path):
-        for k, v in _read_cache(path).items():
-            _chosen.setdefault(k, Tiles(*v))
-        _cache_loaded[path] = True
+    name = _problem_name(kernel, key, device)
     if name in _chosen:
         return _chosen[name]
-    if _capturing(device):
+    candidates = gemm_candidates(rows, cols, red, dtype, operands=operands, precision=precision)
+    path = os.environ.get(AUTOTUNE_CACHE_ENV) or None
+    if path is not None:
+        if path not in _cache_loaded:
+            _cache_loaded[path] = _read_cache(path)
+        kept = _valid(_cache_loaded[path].get(name), candidates)
+        if kept is not None:
+            _chosen[name] = kept
+            return kept
+    if _capturing(device):  # no timing inside a capture: the default, for good in this process
+        _chosen[name] = base
         return base
-    best, best_ms = base, float("inf")
-    for t in gemm_candidates(rows, cols, red, dtype, operands=operands, precision=precision):
+    skip = _not_a_candidate_errors()
+    best, best_ms = None, float("inf")
+    for t in candidates:
         try:
             run(t)  # compiles; a configuration that does not fit raises here
             ms = _bench(lambda: run(t))
-        except Exception:  # noqa: BLE001 - out of resources, or any failure: not a candidate
+        except skip:
             continue
         if ms < best_ms:
             best, best_ms = t, ms
-    _chosen[name] = best
+    if best is None:  # nothing ran: leave it to the default launch to raise its own error
+        return base
     if path is not None:
-        _write_cache(path, name, best)
+        best = _settle(path, name, best, candidates)
+    _chosen[name] = best
     return best
