@@ -6,7 +6,8 @@
 # (default: build tests sanitizer bench). One device call is limited to 10 minutes: run
 # "build tests sanitizer" in one call, "build triton-tests" in the next (the Triton backend's
 # GPU tests: the full grid and every ResNet layer, many kernel compilations) and "build bench"
-# in a third (the build is ~1 min).
+# in a third (the build is ~1 min). RESFUSE_TRITON_AUTOTUNE=1 in the environment lets the
+# Triton backend time its tile candidates per shape (tagged `triton_autotune` in the results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}

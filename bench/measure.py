@@ -230,7 +230,10 @@ def environment(device: torch.device) -> dict:
                 threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                 torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
                 python=platform.python_version(), resfuse=resfuse.__version__, commit=commit(),
-                backends=resfuse.backends())
+                backends=resfuse.backends(),
+                # the Triton backend's tiles: fixed (default) or timed per shape (tiles.py)
+                triton_autotune=os.environ.get("RESFUSE_TRITON_AUTOTUNE", "0").strip().lower()
+                in ("1", "true", "yes", "on"))
 
 
 def device_slug(env: dict) -> str:

@@ -186,7 +186,7 @@ def test_quick_suite_end_to_end(tmp_path):
     r = json.loads(jpath.read_text())
     assert r["schema"] == "resfuse-bench/2"
     assert {"device", "device_type", "driver", "torch", "triton", "cuda", "commit", "date",
-            "backends"} <= set(r["env"])
+            "backends", "triton_autotune"} <= set(r["env"])
     assert r["ceilings"]["copy_gbs"] > 0 and r["ceilings"]["compute_tflops"]["float32"] > 0
     assert r["settings"]["contestants"] == ["eager", "resfuse[auto]"]
     suites = {row["suite"] for row in r["rows"]}
