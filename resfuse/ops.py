@@ -517,11 +517,21 @@ def conv_bwd(grad: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding
              dilation: List[int], groups: int, backend: str, has_bias: bool,
              output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (x, weight, bias) of the conv; empty where `output_mask` is False."""
+    return conv_grads(grad, x, weight, stride, padding, dilation, groups, backend, has_bias,
+                      output_mask)
+
+
+def conv_grads(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+               backend: str, has_bias: bool, output_mask, empty_like: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backend's conv backward laid out by the layout rule, empty (like `empty_like`,
+    default `grad`) where not asked for (`conv_bwd`, and synchronised BN's last backward op)."""
     m_x, m_w, m_b = output_mask
     g_x, g_w, g_b = dispatch.get(backend).conv_backward(
         grad, x, weight, has_bias, _params(stride, padding, dilation, groups),
         [m_x, m_w, m_b and has_bias])
-    return _or_empty(grad, like(g_x, x) if m_x else None, like(g_w, weight) if m_w else None,
+    return _or_empty(grad if empty_like is None else empty_like,
+                     like(g_x, x) if m_x else None, like(g_w, weight) if m_w else None,
                      g_b if (m_b and has_bias) else None)
 
 

@@ -36,7 +36,7 @@ from . import backend as dispatch
 from .activations import Activation
 from .backend.base import acc_dtype, bn_scale_shift, finalize_stats
 from .ops import (OpConfig, _empty, _op, _or_empty, _param_grad, _params, bn_act_conv_fake,
-                  conv_add_outputs, conv_output, fake_conv, like, preact_saved)
+                  conv_add_outputs, conv_grads, conv_output, fake_conv, like, preact_saved)
 
 Tensor = torch.Tensor
 
@@ -241,12 +241,8 @@ def sync_bn_bwd_apply_conv(g_u: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
                                       stats[2 * c])
     if weight is None:
         return like(g_z, z), _empty(g_u), _empty(g_u)
-    m_x, m_w, m_b = output_mask
-    g_x, g_w, g_b = dispatch.get(backend).conv_backward(
-        g_z, x, weight, has_bias, _params(stride, padding, dilation, groups),
-        [m_x, m_w, m_b and has_bias])
-    return _or_empty(g_u, like(g_x, x) if m_x else None, like(g_w, weight) if m_w else None,
-                     g_b if (m_b and has_bias) else None)
+    return conv_grads(g_z, x, weight, stride, padding, dilation, groups, backend, has_bias,
+                      output_mask, empty_like=g_u)
 
 
 @sync_bn_bwd_apply_conv.register_fake
