@@ -53,6 +53,14 @@ template <typename A> __device__ __forceinline__ A erf_(A x) {
 template <typename A> __device__ __forceinline__ A tanh_(A x) {
   if constexpr (std::is_same_v<A, float>) return tanhf(x); else return tanh(x);
 }
+template <typename A> __device__ __forceinline__ A log1p_(A x) {
+  if constexpr (std::is_same_v<A, float>) return log1pf(x); else return log1p(x);
+}
+// std::max / std::min as torch's kernels call them: a NaN first argument is returned.
+template <typename A> __device__ __forceinline__ A max_(A a, A b) { return a < b ? b : a; }
+template <typename A> __device__ __forceinline__ A min_(A a, A b) { return b < a ? b : a; }
+// torch's CUDA hardswish / hardsigmoid multiply by this fp32 constant, in fp64 too.
+constexpr float kOneSixth = 1.0f / 6.0f;
 
 constexpr double kSqrt1_2 = 0.70710678118654752440;           // M_SQRT1_2
 constexpr double kGeluPdf = 1.12837916709551257390 * kSqrt1_2 * 0.5;  // M_2_SQRTPI*M_SQRT1_2/2
@@ -70,18 +78,28 @@ template <typename A> __device__ __forceinline__ A act_forward(Act k, A u, A slo
       const A inner = A(kTanhBeta) * (u + A(kTanhKappa) * u * u * u);
       return A(0.5) * u * (A(1) + tanh_(inner));
     }
+    case Act::kRelu6: return min_(max_(u, A(0)), A(6));  // hardtanh(0, 6) = clamp
+    case Act::kHardswish: return u * min_(max_(u + A(3), A(0)), A(6)) * A(kOneSixth);
+    case Act::kHardsigmoid: return min_(max_(u + A(3), A(0)), A(6)) * A(kOneSixth);
+    case Act::kMish: return u * tanh_(log1p_(exp_(u)));
     default: return u;
   }
 }
 
-// The mask bit, from the pre-activation u or (relu) the output y, with eager's tie and NaN
-// rules: relu's backward passes the gradient where !(y <= 0) (threshold_backward on the
-// output), leaky_relu's where u > 0.
+// The mask bit, from the pre-activation u or (relu, relu6) the output y, with eager's tie and
+// NaN rules: relu's backward passes the gradient where !(y <= 0) (threshold_backward on the
+// output), leaky_relu's where u > 0, relu6's where !(v <= 0 || v >= 6) (hardtanh_backward;
+// the same test on u or y), hardsigmoid's where -3 < u < 3.
 template <typename A> __device__ __forceinline__ bool act_bit(Act k, A v) {
-  return k == Act::kRelu ? !(v <= A(0)) : (v > A(0));
+  switch (k) {
+    case Act::kRelu: return !(v <= A(0));
+    case Act::kRelu6: return !(v <= A(0) || v >= A(6));
+    case Act::kHardsigmoid: return v > A(-3) && v < A(3);
+    default: return v > A(0);
+  }
 }
 
-// act'(u) * g. `bit` serves relu/leaky_relu, `u` the smooth activations.
+// act'(u) * g. `bit` serves relu/leaky_relu/relu6/hardsigmoid, `u` the others.
 template <typename A> __device__ __forceinline__ A act_backward(Act k, A g, bool bit, A u, A slope) {
   switch (k) {
     case Act::kRelu: return bit ? g : A(0);
@@ -104,6 +122,16 @@ template <typename A> __device__ __forceinline__ A act_backward(Act k, A g, bool
       const A left_d = A(0.5) * right;
       const A right_d = left * (A(1) - t * t) * A(kTanhBeta) * (A(1) + A(3 * kTanhKappa) * u2);
       return g * (left_d + right_d);
+    }
+    case Act::kRelu6: return bit ? g : A(0);
+    case Act::kHardswish:  // NaN passes the gradient, as torch's CUDA kernel
+      if (u <= A(-3)) return A(0);
+      return u < A(3) ? g * ((u / A(3)) + A(0.5)) : g;
+    case Act::kHardsigmoid: return bit ? g * A(kOneSixth) : A(0);
+    case Act::kMish: {
+      const A s = A(1) / (A(1) + exp_(-u));
+      const A t = tanh_(log1p_(exp_(u)));
+      return g * (t + u * s * (A(1) - t * t));
     }
     default: return g;
   }

@@ -173,7 +173,8 @@ int num_sms() {
 }
 
 resfuse::Act act_of(int64_t a) {
-  TORCH_CHECK(a >= 0 && a <= 5, "resfuse (cuda backend): activation code must be 0..5, got ", num(a));
+  TORCH_CHECK(a >= 0 && a < resfuse::kNumActs, "resfuse (cuda backend): activation code must be 0..",
+              num(resfuse::kNumActs - 1), ", got ", num(a));
   return static_cast<resfuse::Act>(a);
 }
 
@@ -266,8 +267,9 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_op(const at::Tensor& z_in, const std
   TORCH_CHECK(scale.has_value() == shift.has_value(), "resfuse (cuda backend): scale and shift must be given together");
   TORCH_CHECK(save == 0 || save == 1 || save == 3, "resfuse (cuda backend): save must be 0 (nothing), 1 (mask) or 3 (input), got ", num(save));
   const resfuse::Act act = act_of(activation);
-  TORCH_CHECK(save != 1 || act == resfuse::Act::kRelu || act == resfuse::Act::kLeakyRelu,
-              "resfuse (cuda backend): a mask is saved for relu and leaky_relu only");
+  TORCH_CHECK(save != 1 || act == resfuse::Act::kRelu || act == resfuse::Act::kLeakyRelu ||
+                  act == resfuse::Act::kRelu6 || act == resfuse::Act::kHardsigmoid,
+              "resfuse (cuda backend): a mask is saved for relu, leaky_relu, relu6 and hardsigmoid only");
   at::Tensor sc, sh, r;
   if (scale.has_value()) {
     sc = per_channel(*scale, z, C, "scale");

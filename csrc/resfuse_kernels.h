@@ -19,13 +19,18 @@ namespace resfuse {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-// Same numbering as the binding's activation names (identity, relu, leaky_relu, silu, gelu,
-// gelu_tanh).
-enum class Act : int { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kSilu = 3, kGelu = 4, kGeluTanh = 5 };
+// Same numbering as the binding's activation names (resfuse.activations.KINDS: identity,
+// relu, leaky_relu, silu, gelu, gelu_tanh, relu6, hardswish, hardsigmoid, mish).
+enum class Act : int {
+  kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kSilu = 3, kGelu = 4, kGeluTanh = 5,
+  kRelu6 = 6, kHardswish = 7, kHardsigmoid = 8, kMish = 9,
+};
+constexpr int kNumActs = 10;
 
 // What the backward kernels get from forward to differentiate the activation:
-// nothing (identity), the 1-bit mask (relu, leaky_relu), the activation's output y (relu:
-// y > 0 is the mask) or its input u (leaky_relu, silu, gelu).
+// nothing (identity), the 1-bit mask (relu, leaky_relu, relu6, hardsigmoid), the activation's
+// output y (relu, relu6: the mask's test holds on y) or its input u (leaky_relu, silu, gelu,
+// hardswish, mish).
 enum class Saved : int { kNone = 0, kMask = 1, kOutput = 2, kInput = 3 };
 
 struct Geometry {

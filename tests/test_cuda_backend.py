@@ -17,7 +17,7 @@ import resfuse
 import resfuse.functional as RF
 from conftest import FLOOR, assert_honest
 from harness import OpCase, check, check_converted_resnet50_step
-from test_functional import ACTIVATIONS
+from test_functional import ACTIVATIONS, MORE_ACTIVATIONS
 
 pytestmark = pytest.mark.skipif(resfuse.backends()["cuda"] != "ok",
                                 reason=f"cuda backend: {resfuse.backends()['cuda']}")
@@ -31,7 +31,7 @@ def _no_tf32(no_tf32):
     """Compare against exact fp32 convolutions (conftest.no_tf32)."""
 
 
-ACTS = ACTIVATIONS  # the CPU grid's activations (tests/test_functional.py)
+ACTS = {**ACTIVATIONS, **MORE_ACTIVATIONS}  # the CPU grids' activations (tests/test_functional.py)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -135,7 +135,8 @@ def test_gradcheck_conv_bn_act(act, training, layout):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "gelu", "identity"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "gelu", "identity", "relu6",
+                                 "hardswish", "hardsigmoid", "mish"])
 def test_gradcheck_bn_act_and_pre(act, training):
     x = torch.randn(3, 4, 3, 3, dtype=D, device=DEV, requires_grad=True)
     bw, bb, rm, rv = _bn(4)
@@ -276,7 +277,7 @@ cases = [
     ("residual must have shape", lambda: ops.cuda_bn_apply(z, None, None, torch.randn(2, 8, 4, 5, device="cuda"), 1, 0.0, 0)),
     ("scale must have shape", lambda: ops.cuda_bn_apply(z, torch.ones(7, device="cuda"), torch.ones(7, device="cuda"), None, 1, 0.0, 0)),
     ("float32, float64, float16 or bfloat16", lambda: ops.cuda_bn_apply(z.to(torch.int32), None, None, None, 1, 0.0, 0)),
-    ("activation code must be 0..5", lambda: ops.cuda_bn_apply(z, None, None, None, 9, 0.0, 0)),
+    ("activation code must be 0..9", lambda: ops.cuda_bn_apply(z, None, None, None, 10, 0.0, 0)),
     ("more than 1 value per channel", lambda: ops.cuda_bn_stats(torch.randn(1, 8, 1, 1, device="cuda"), None, None, None, None, None, 0.1, 1e-5)),
     ("running_mean and running_var", lambda: ops.cuda_bn_stats(z, None, None, rm, None, None, 0.1, 1e-5)),
     ("saved mask must hold", lambda: ops.cuda_bn_backward_apply(z, torch.zeros(3, dtype=torch.int32, device="cuda"), 1, z, rm, torch.zeros(3, 8, device="cuda"), 1, 0.0)),

@@ -76,6 +76,24 @@ def test_activations(act, residual, training, dtype, backend):
     check(OpCase(residual=residual, training=training, **ACTIVATIONS[act]), backend, dtype)
 
 
+# The activations added for the mobile / timm models (MobileNetV3, EfficientNet-lite,
+# YOLO-style mish): one grid over the three forms, BN's weight scaled up so the
+# pre-activations spread past their kinks (-3, 0, 3, 6).
+MORE_ACTIVATIONS = {"relu6": dict(activation="relu6"), "hardswish": dict(activation="hardswish"),
+                    "hardsigmoid": dict(activation="hardsigmoid"), "mish": dict(activation="mish")}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["post-train", "post-eval", "pre-train", "bn_act-train"])
+@pytest.mark.parametrize("act", MORE_ACTIVATIONS, ids=str)
+def test_more_activations(act, form, backend):
+    form, mode = form.split("-")
+    case = OpCase(form=form, c_in=6, training=mode == "train", **MORE_ACTIVATIONS[act])
+    case.bn_weight = case.bn_weight * 4
+    for dtype in DTYPES:
+        check(case, backend, dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])

@@ -132,3 +132,41 @@ def test_partial_requires_grad():
     y = RF.conv_bn_act(x, w, None, bw, bb, rm, rv, training=True, residual=r, padding=1)
     y.sum().backward()
     assert bb.grad is not None and r.grad is not None and bw.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["post-train", "bn_act-eval", "pre-train"])
+@pytest.mark.parametrize("act", ["relu6", "hardswish", "hardsigmoid", "mish"])
+def test_more_activations(act, form, backend):
+    """The activations added for the mobile / timm models, with BN's weight scaled up so the
+    pre-activations spread past their kinks (-3, 0, 3, 6)."""
+    form, mode = form.split("-")
+    training = mode == "train"
+    bw, bb, rm, rv = _bn(4)
+    bw = (bw * 4).detach().requires_grad_()
+    if form == "post":
+        x = torch.randn(2, 3, 3, 3, dtype=D, requires_grad=True)
+        w = torch.randn(4, 3, 2, 2, dtype=D, requires_grad=True)
+        r = torch.randn(2, 4, 2, 2, dtype=D, requires_grad=True)
+
+        def f(x, w, bw, bb, r):
+            return RF.conv_bn_act(x, w, None, bw, bb, _fresh(rm), _fresh(rv), training=training,
+                                  activation=act, residual=r, backend=backend)
+        args = (x, w, bw, bb, r)
+    elif form == "bn_act":
+        x = torch.randn(3, 4, 3, 3, dtype=D, requires_grad=True)
+        r = torch.randn(3, 4, 3, 3, dtype=D, requires_grad=True)
+
+        def f(x, bw, bb, r):
+            return RF.bn_act(x, bw, bb, _fresh(rm), _fresh(rv), training=training,
+                             activation=act, residual=r, backend=backend)
+        args = (x, bw, bb, r)
+    else:
+        x = torch.randn(2, 4, 3, 3, dtype=D, requires_grad=True)
+        w = torch.randn(3, 4, 2, 2, dtype=D, requires_grad=True)
+
+        def f(x, bw, bb, w):
+            return RF.bn_act_conv(x, bw, bb, _fresh(rm), _fresh(rv), w, None, training=training,
+                                  activation=act, backend=backend)
+        args = (x, bw, bb, w)
+    assert gradcheck(f, args, eps=1e-6, atol=1e-6, fast_mode=_fast(backend))

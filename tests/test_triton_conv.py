@@ -97,6 +97,33 @@ def test_epilogue_residual_act(shape, dtype, act):
     assert ((y - ref).abs().max() / ref.abs().max()).item() < _tol(dtype) * 10
 
 
+# The activations added for the mobile / timm models: one shape each, values spread over
+# their kinks (-3, 0, 3, 6) and mish's saturation (scale up to 4.5: u in about -15..15).
+NEW_ACTS = {"relu6": (TC.ACT_RELU6, F.relu6), "hardswish": (TC.ACT_HARDSWISH, F.hardswish),
+            "hardsigmoid": (TC.ACT_HARDSIGMOID, F.hardsigmoid), "mish": (TC.ACT_MISH, F.mish)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("act", list(NEW_ACTS))
+def test_more_activations_in_prologue_and_epilogue(act, dtype):
+    shape = SHAPES[1]
+    x, w, b = _inputs(shape, dtype, True, seed=4)
+    _, cin, _, _, _, _, s, p, d, g = shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    code, fn = NEW_ACTS[act]
+    scale = (torch.rand(cin, dtype=acc) * 4 + 0.5).to(DEVICE)
+    shift = (torch.randn(cin, dtype=acc) * 2).to(DEVICE)
+    a = fn(x.to(acc) * scale[None, :, None, None] + shift[None, :, None, None]).to(dtype)
+    ref = F.conv2d(a, w, b, s, p, d, g)
+    y, _ = TC.conv2d(x, w, b, (s, s), (p, p), (d, d), g, prologue=TC.Prologue(scale, shift, code))
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < _tol(dtype) * 10
+    z = F.conv2d(x, w * 6, b, s, p, d, g)
+    r = torch.randn(z.shape, dtype=dtype).to(DEVICE)
+    ref = fn(z + r)
+    y, _ = TC.conv2d(x, w * 6, b, (s, s), (p, p), (d, d), g, residual=r, act=code)
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < _tol(dtype) * 10
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_statistics_epilogue(shape, dtype):

@@ -107,7 +107,8 @@ def _saved_for(bn, kind, z, scale, shift):
         return code, (torch.stack([scale, shift]), bn.SAVE_RECOMPUTE), (u, bn.SAVE_INPUT)
     code = KINDS.index(kind)
     save = {"relu": bn.SAVE_MASK, "leaky_relu": bn.SAVE_MASK, "silu": bn.SAVE_INPUT,
-            "identity": bn.SAVE_NONE}[kind]
+            "identity": bn.SAVE_NONE, "relu6": bn.SAVE_MASK, "hardsigmoid": bn.SAVE_MASK,
+            "hardswish": bn.SAVE_INPUT, "mish": bn.SAVE_INPUT}[kind]
     _, saved = bn.apply(z, scale, shift, None, code, 0.1, save)
     return code, (saved, save), (saved, save)
 
@@ -134,6 +135,52 @@ def test_grad_prologue_is_bn_backward_apply(dtype, layout, kind, rows):
     gz = bn.backward_apply(gy, ref_saved, ref_save, z, mean, coef, code, 0.1)
     gx_r, gw_r, _ = _aten(gz, x, w, ca)
     gp = bwd.GradPrologue(saved, save, z, mean, coef, code, 0.1)
+    gx = bwd.conv2d_input_grad(gy, w, x.shape, *ca, grad_prologue=gp)
+    gw = bwd.conv2d_weight_grad(gy, x, w.shape, *ca, grad_prologue=gp)
+    assert_exactish(gx, gx_r, _tol(gx_r, dtype), "g_x")
+    assert_exactish(gw, gw_r, _tol(gw_r, dtype), "g_w")
+
+
+NEW_KINDS = ["relu6", "hardswish", "hardsigmoid", "mish"]
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS + ["recompute-" + k for k in NEW_KINDS])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_more_activations_in_the_backward_prologues(dtype, kind):
+    """The activations added for the mobile / timm models, in both backward prologues: the
+    weight gradient recomputing act(bn(x)) on load, and BN-backward's apply from the mask,
+    u, or u recomputed; values spread over the kinks (-3, 0, 3, 6)."""
+    conv, bn, bwd = _kernels()
+    from resfuse.activations import KINDS, Activation
+    act = kind.split("-")[-1]
+    x, w, z, ca = _case(SHAPES["3x3-s2-grouped"], dtype, "channels_last")
+    if not kind.startswith("recompute-"):  # the input prologue (the pre-activation op)
+        C = x.shape[1]
+        scale = torch.rand(C, dtype=dtype, device=DEV) * 4 + 0.5
+        shift = torch.randn(C, dtype=dtype, device=DEV) * 2
+        a = Activation(act).forward((x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(dtype))
+        gy = torch.randn_like(F.conv2d(a, w, None, *ca))
+        _, gw_r, _ = _aten(gy, a, w, ca, (False, True, False))
+        gw = bwd.conv2d_weight_grad(gy, x, w.shape, *ca,
+                                    prologue=conv.Prologue(scale, shift, KINDS.index(act), 0.0))
+        assert_exactish(gw, gw_r, _tol(gw_r, dtype), "g_w")
+    z = z.contiguous(memory_format=torch.channels_last)
+    Co = z.shape[1]
+    scale = torch.rand(Co, dtype=dtype, device=DEV) * 4 + 0.5
+    shift = torch.randn(Co, dtype=dtype, device=DEV) * 2
+    code, (saved, save), _ = _saved_for(bn, kind, z, scale, shift)
+    u = (z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(dtype)
+    gy = torch.randn_like(z)
+    a_ = Activation(act)
+    g_u = a_.backward(gy, a_.forward(u) if a_.saves == "output" else u)  # aten's backward
+    mean = z.mean((0, 2, 3))
+    coef = torch.randn(3, Co, dtype=dtype, device=DEV)
+    gz_r = (coef[0].view(1, -1, 1, 1) * g_u + coef[1].view(1, -1, 1, 1)
+            + coef[2].view(1, -1, 1, 1) * (z - mean.view(1, -1, 1, 1)))
+    assert_exactish(bn.backward_apply(gy, saved, save, z, mean, coef, code, 0.0), gz_r,
+                    _tol(gz_r, dtype), "g_z")
+    gx_r, gw_r, _ = _aten(gz_r, x, w, ca)
+    gp = bwd.GradPrologue(saved, save, z, mean, coef, code, 0.0)
     gx = bwd.conv2d_input_grad(gy, w, x.shape, *ca, grad_prologue=gp)
     gw = bwd.conv2d_weight_grad(gy, x, w.shape, *ca, grad_prologue=gp)
     assert_exactish(gx, gx_r, _tol(gx_r, dtype), "g_x")

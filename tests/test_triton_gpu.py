@@ -17,7 +17,9 @@ from conftest import assert_honest, randomize_bn, to_layout
 from harness import OpCase, check, check_converted_resnet50_step
 from resnet_shapes import layer_shapes
 from test_cuda_backend import BN_MODES, bn_case
-from test_functional import ACTIVATIONS
+from test_functional import ACTIVATIONS, MORE_ACTIVATIONS
+
+ACTS = {**ACTIVATIONS, **MORE_ACTIVATIONS}
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or resfuse.backends()["triton"] != "ok",
@@ -34,10 +36,10 @@ def _no_tf32(no_tf32):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("form", ["post", "bn_act", "pre"])
 def test_activation_grid(form, act, dtype, layout):
-    check(OpCase(form=form, n=3, c_in=16, c_out=24, hw=(9, 7), **ACTIVATIONS[act]), "triton",
+    check(OpCase(form=form, n=3, c_in=16, c_out=24, hw=(9, 7), **ACTS[act]), "triton",
           dtype, layout, DEV)
 
 

@@ -1,6 +1,6 @@
 """BatchNorm's per-channel passes around a convolution (work in progress: not yet wired into a
 backend): batch statistics, scale-shift + residual + activation writing y and what backward
-needs (a 1-bit mask for relu and leaky_relu, else the pre-activation), BN-backward's reduction
+needs (a 1-bit mask for relu, leaky_relu, relu6 and hardsigmoid, else the pre-activation), BN-backward's reduction
 (the residual's gradient and the two per-channel sums) and BN-backward's apply.
 
 Every kernel reads a tensor that is contiguous in NCHW or in channels_last as [outer, C, inner]:
@@ -11,7 +11,8 @@ identical bits. Statistics accumulate in fp32 (fp64 for fp64 inputs), shifted by
 first element (sums of x - K and (x - K)^2, K close to the mean: no cancellation).
 
 The mask: bit j of int32 word w is element 32 * w + j of the tensor in memory order; the bit is
-the test torch's own backward makes (relu: not u <= 0; leaky_relu: u > 0).
+the test torch's own backward makes (relu: not u <= 0; leaky_relu: u > 0; relu6: not
+(u <= 0 or u >= 6); hardsigmoid: -3 < u < 3).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv import _act, _on_device
+from .conv import _act, _on_device, _tanh_softplus
 
 # What the forward keeps for backward; SAVE_RECOMPUTE: nothing, u = z * scale + shift is
 # recomputed from z with the [2, C] (scale; shift) passed as `saved` (the pre-activation op,
@@ -81,18 +82,29 @@ def _apply_kernel(z_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, saved_ptr, TOTAL, N
     y = _act(uf, ACT, SLOPE).to(dt)
     tl.store(y_ptr + idx, y, mask=ok)
     if SAVE == 1:
-        # The bit torch's backward tests: relu passes the gradient unless u <= 0 (NaN passes),
-        # leaky_relu where u > 0 (NaN takes the slope).
-        if ACT == 1:
-            bit = (uf <= 0) == 0
-        else:
-            bit = uf > 0
+        bit = _mask_bit(uf, ACT)
         bits = tl.reshape(bit.to(tl.int32), (BLOCK // 32, 32))
         words = tl.sum(bits << tl.arange(0, 32)[None, :], 1)
         w_idx = pid.to(tl.int64) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
         tl.store(saved_ptr + w_idx, words, mask=w_idx < N_WORDS)
     elif SAVE == 2:
         tl.store(saved_ptr + idx, u, mask=ok)
+
+
+@triton.jit
+def _mask_bit(u, ACT: tl.constexpr):
+    """The bit torch's backward tests: relu passes the gradient unless u <= 0 (NaN passes),
+    leaky_relu where u > 0 (NaN takes the slope), relu6 unless u <= 0 or u >= 6 (NaN passes,
+    as hardtanh_backward's scalar loop and CUDA kernel), hardsigmoid where -3 < u < 3."""
+    if ACT == 1:
+        bit = (u <= 0) == 0
+    elif ACT == 6:
+        bit = ((u <= 0) | (u >= 6.0)) == 0
+    elif ACT == 8:
+        bit = (u > -3.0) & (u < 3.0)
+    else:
+        bit = u > 0
+    return bit
 
 
 @triton.jit
@@ -118,8 +130,10 @@ def _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, sc, sh, ACT: tl.constexpr, SAVE: t
     if SAVE == 1:
         word = tl.load(saved_ptr + idx // 32, mask=ok, other=0)
         pos = ((word >> (idx % 32).to(tl.int32)) & 1) != 0
-        if ACT == 1:
+        if (ACT == 1) | (ACT == 6):
             g = tl.where(pos, g, 0.0)
+        elif ACT == 8:
+            g = tl.where(pos, g * 0.1666666716337204, 0.0)  # torch's fp32 one_sixth, see below
         else:
             g = tl.where(pos, g, g * SLOPE)
     elif SAVE >= 2:
@@ -146,6 +160,16 @@ def _grad_u(g_ptr, saved_ptr, z_ptr, idx, ok, sc, sh, ACT: tl.constexpr, SAVE: t
             t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
             g = g * (0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654
                      * (1.0 + 0.134145 * u * u))
+        elif ACT == 6:  # hardtanh_backward(0, 6), from u or y alike
+            g = tl.where((u <= 0) | (u >= 6.0), 0.0, g)
+        elif ACT == 7:  # hardswish_backward (NaN passes, as its scalar loop and CUDA kernel)
+            g = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, g * (u / 3.0 + 0.5), g))
+        elif ACT == 8:  # hardsigmoid_backward: grad * one_sixth, a float constant in torch
+            g = tl.where((u > -3.0) & (u < 3.0), g * 0.1666666716337204, 0.0)
+        elif ACT == 9:  # mish_backward
+            sig = 1.0 / (1.0 + tl.exp(-u))
+            t = _tanh_softplus(u)
+            g = g * (t + u * sig * (1.0 - t * t))
     return g
 
 

@@ -24,6 +24,7 @@ convolutions would (`torch.backends.cudnn.allow_tf32`).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -33,7 +34,24 @@ import triton.language as tl
 from .tiles import pick_tiles
 
 # Activation codes: the order of resfuse.activations.KINDS.
-ACT_IDENTITY, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_GELU_TANH = range(6)
+(ACT_IDENTITY, ACT_RELU, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_RELU6,
+ ACT_HARDSWISH, ACT_HARDSIGMOID, ACT_MISH) = range(10)
+
+
+# torch's hardswish and hardsigmoid divide by 6 on the CPU but multiply by the fp32 constant
+# 1/6 on CUDA (in fp64 too: ~3e-8 relative apart there). The kernels follow the torch of the
+# tensors they run on: CPU tensors in the interpreter, CUDA tensors when compiled.
+_SIXTH_AS_CUDA = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+@triton.jit
+def _tanh_softplus(u):
+    """tanh(log1p(exp(u))) (mish's factor) as n / (n + 2), n = e^u (e^u + 2): no tanh or log1p
+    needed, no cancellation for negative u; 1 above u = 20, where it rounds to 1 in fp32 and
+    fp64 alike (and e^2u would overflow fp32 past 44)."""
+    e = tl.exp(tl.where(u > 20.0, 0.0, u))
+    n = e * (e + 2.0)
+    return tl.where(u > 20.0, 1.0, n / (n + 2.0))
 
 
 @triton.jit
@@ -53,6 +71,27 @@ def _act(u, ACT: tl.constexpr, SLOPE: tl.constexpr):
         inner = 0.7978845608028654 * (u + 0.044715 * u * u * u)
         t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0  # tanh
         u = 0.5 * u * (1.0 + t)
+    elif ACT == 6:  # relu6 = clamp(u, 0, 6)
+        u = tl.where(u < 0, 0.0, u)
+        u = tl.where(u > 6.0, 6.0, u)
+    elif ACT == 7:  # hardswish: u * clamp(u + 3, 0, 6) / 6 in torch's order of operations
+        t = u + 3.0
+        t = tl.where(t < 0, 0.0, t)
+        t = tl.where(t > 6.0, 6.0, t)
+        if _SIXTH_AS_CUDA:
+            u = u * t * 0.1666666716337204
+        else:
+            u = (u * t) / 6.0
+    elif ACT == 8:  # hardsigmoid: clamp(u + 3, 0, 6) / 6
+        t = u + 3.0
+        t = tl.where(t < 0, 0.0, t)
+        t = tl.where(t > 6.0, 6.0, t)
+        if _SIXTH_AS_CUDA:
+            u = t * 0.1666666716337204
+        else:
+            u = t / 6.0
+    elif ACT == 9:  # mish: u * tanh(softplus(u))
+        u = u * _tanh_softplus(u)
     return u
 
 

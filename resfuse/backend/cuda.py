@@ -4,9 +4,9 @@ residual and activation parts of the fused ops; the convolutions go through PyTo
 A training forward of `conv_bn_act` is then three passes over the conv output instead of
 eager's six or more: cuDNN's convolution, one read for the batch statistics (the finalize and
 running-stat update run on the device after it), and one pass that writes
-y = act(bn(z) + residual) and a 1-bit mask (relu, leaky_relu). Backward is two passes: one reads
-the upstream gradient, the mask and z and produces the residual's gradient and BN-backward's two
-per-channel sums; the other produces the conv output's gradient, recomputing act'(u) from the
+y = act(bn(z) + residual) and a 1-bit mask (relu, leaky_relu, relu6, hardsigmoid; the
+pre-activation for the others). Backward is two passes: one reads the upstream gradient, the
+mask and z and produces the residual's gradient and BN-backward's two per-channel sums; the other produces the conv output's gradient, recomputing act'(u) from the
 mask rather than reading a stored g_u. Eval mode with BN folded and ReLU uses cuDNN's fused
 conv + bias (+ add) + ReLU where `set_cudnn_fused_eval` allows it (fp16/bf16), else the folded
 conv followed by one add + activation pass.
@@ -29,7 +29,7 @@ _ACT_CODE = {kind: i for i, kind in enumerate(KINDS)}  # csrc/resfuse_kernels.h 
 # csrc/resfuse_kernels.h Saved
 SAVED_NONE, SAVED_MASK, SAVED_OUTPUT, SAVED_INPUT = 0, 1, 2, 3
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_MASKED = ("relu", "leaky_relu")
+_MASKED = ("relu", "leaky_relu", "relu6", "hardsigmoid")  # gradient chosen by a 1-bit test of u
 
 _cudnn_fused_eval = True
 

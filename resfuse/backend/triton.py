@@ -6,7 +6,8 @@ Forward
   activation in its prologue (`bn_act_conv`), so act(bn(x)) is never written, and in eval mode
   (BN folded) the bias, residual and activation are its epilogue: one kernel per conv.
 - BN: batch statistics, and scale-shift + residual + activation writing y and a 1-bit mask for
-  relu / leaky_relu (the pre-activation for silu / gelu) (triton_kernels/bn_act.py).
+  relu / leaky_relu / relu6 / hardsigmoid (the pre-activation for silu / gelu / hardswish /
+  mish) (triton_kernels/bn_act.py).
 A residual block in training runs as DESIGN.md section 1's chain (`conv_prologue`, see
 `resfuse.modules.FusedResidualBlock`).
 
@@ -40,7 +41,9 @@ from ..validation import ConvParams
 from .base import Backend, Case, Tensor, bn_scale_shift, memory_format_of
 
 _ACT_CODE = {kind: i for i, kind in enumerate(KINDS)}  # triton_kernels/conv.py ACT_*
-_MASKED = ("relu", "leaky_relu")
+# Activations whose gradient is the upstream gradient or a constant multiple of it, chosen by
+# a 1-bit test of u: a packed mask is all their backward needs.
+_MASKED = ("relu", "leaky_relu", "relu6", "hardsigmoid")
 _GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float64)
 # False: a convolution backward with no prologue to fuse runs PyTorch's kernels (see above).
