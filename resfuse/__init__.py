@@ -12,6 +12,7 @@ from .backend import BackendUnavailable, backends, use_backend
 from .convert import ConvertReport, NotFusable, convert, fuse_block, revert
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock,
                       SyncBatchNorm)
+from .modules import FusedConvBNAct1d
 from .ops import BNActConvFunction, ConvBNActFunction, OpConfig
 from .sync_ops import SyncBNActConvFunction, SyncConvBNActFunction
 from .validation import ResfuseInputError
@@ -21,4 +22,5 @@ __all__ = ["functional", "reference", "Activation", "BackendUnavailable", "backe
            "use_backend", "ConvertReport", "NotFusable", "convert", "fuse_block", "revert",
            "FusedBasicBlock", "FusedBottleneck", "FusedConvBNAct", "FusedResidualBlock",
            "SyncBatchNorm", "BNActConvFunction", "ConvBNActFunction", "OpConfig",
-           "SyncBNActConvFunction", "SyncConvBNActFunction", "ResfuseInputError", "__version__"]
+           "SyncBNActConvFunction", "SyncConvBNActFunction", "ResfuseInputError", "__version__",
+           "FusedConvBNAct1d"]

@@ -29,7 +29,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import backend as dispatch, reference
+from . import backend as dispatch, one_d, reference
 from .activations import ActivationLike, as_activation
 from .backend.base import Case
 from .backend.base import BackendUnavailable, acc_dtype, memory_format_of
@@ -89,6 +89,11 @@ def _amp_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t
 
 
+def _is_1d(x) -> bool:
+    """A 1-D call (Conv1d / BatchNorm1d): x is (N, C, L); it runs as the 2-D op with H = 1."""
+    return isinstance(x, Tensor) and x.dim() == 3
+
+
 def _same_dtype(residual: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     if isinstance(residual, Tensor) and residual.is_floating_point() and residual.dtype != dtype:
         return residual.to(dtype)
@@ -115,7 +120,20 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
     `batch_stats` (mean, biased variance) of BN's input, when already computed (`conv_stats`,
     `bn_act_conv(return_stats=True)`): trusted, used instead of another pass over it when BN
     uses batch statistics (gradients still flow through them to the BN input).
+
+    1-D (Conv1d / BatchNorm1d): x (N, C, L), weight (C_out, C_in/groups, K), stride /
+    padding / dilation an int or a 1-tuple (or "same" / "valid"), residual (N, C_out, L_out);
+    the output is (N, C_out, L_out).
     """
+    if _is_1d(x):
+        x, weight, residual, g = one_d.to_2d(x, weight, residual, stride, padding, dilation,
+                                             groups)
+        return one_d.to_1d(conv_bn_act(
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training=training,
+            momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
+            activation=activation, negative_slope=negative_slope, residual=residual,
+            stride=g.stride, padding=g.padding, dilation=g.dilation, groups=groups,
+            backend=backend, process_group=process_group, batch_stats=batch_stats))
     check_input(x)
     amp = _autocast_dtype(x)
     if amp is not None:  # the chain's dtypes, then the op with autocast off
@@ -215,6 +233,16 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     """
     if not isinstance(return_stats, bool):
         raise ResfuseInputError(f"return_stats: expected a bool, got {return_stats!r}")
+    if _is_1d(x):  # 1-D (Conv1d): as `conv_bn_act`
+        x, weight, residual, g = one_d.to_2d(x, weight, residual, stride, padding, dilation,
+                                             groups)
+        return one_d.to_1d(bn_act_conv(
+            x, bn_weight, bn_bias, running_mean, running_var, weight, bias, training=training,
+            momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
+            activation=activation, negative_slope=negative_slope, residual=residual,
+            stride=g.stride, padding=g.padding, dilation=g.dilation, groups=groups,
+            backend=backend, process_group=process_group, batch_stats=batch_stats,
+            return_stats=return_stats))
     out = _bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
                        training, momentum, eps, num_batches_tracked, activation, negative_slope,
                        residual, stride, padding, dilation, groups, backend, process_group,
@@ -309,7 +337,12 @@ def conv_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stri
     """(z, mean, var): z = conv2d(x, weight, bias) and its per-channel batch mean and biased
     variance (fp32; fp64 for fp64 data; not differentiable), from the conv's epilogue where
     the backend can — the head of a block's chain, whose next op (`bn_act_conv` or `bn_act`
-    with `batch_stats=(mean, var)`) applies the BN without another pass over z."""
+    with `batch_stats=(mean, var)`) applies the BN without another pass over z. 1-D (3-D x
+    and weight) as `conv_bn_act`."""
+    if _is_1d(x):
+        x, weight, _, g = one_d.to_2d(x, weight, None, stride, padding, dilation, groups)
+        return one_d.to_1d(conv_stats(x, weight, bias, stride=g.stride, padding=g.padding,
+                                      dilation=g.dilation, groups=groups, backend=backend))
     check_input(x)
     amp = _autocast_dtype(x)
     if amp is not None:
@@ -341,7 +374,7 @@ def fuses_block_chain(x: Tensor, backend: Optional[str] = None) -> bool:
     `bn_act(batch_stats=..., residual=...)`): no normalized activation is ever written."""
     try:
         be = dispatch.select_for_call(Case("bn_act_conv", x.device.type, x.dtype,
-                                           _channels_last(x), 1, True), backend)
+                                           x.dim() == 4 and _channels_last(x), 1, True), backend)
     except BackendUnavailable:
         return False  # the ops themselves say why, with the error of a forced backend
     return be.conv_prologue

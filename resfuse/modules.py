@@ -35,8 +35,8 @@ Tensor = torch.Tensor
 def _conv_args(conv: nn.Conv2d, x: Tensor):
     """(x, kwargs) for functional ops from an nn.Conv2d; non-zero padding modes pad x first,
     exactly as nn.Conv2d does."""
-    if not isinstance(conv, nn.Conv2d):
-        raise ResfuseInputError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(conv, (nn.Conv2d, nn.Conv1d)):
+        raise ResfuseInputError(f"expected an nn.Conv2d or nn.Conv1d, got {type(conv).__name__}")
     padding = conv.padding
     if conv.padding_mode != "zeros":
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -49,6 +49,12 @@ def is_batch_norm_2d(m) -> bool:
     """A BatchNorm the fused ops can stand in for: nn.BatchNorm2d, nn.SyncBatchNorm or
     resfuse's SyncBatchNorm."""
     return isinstance(m, (nn.BatchNorm2d,) + _SYNC_NORMS)
+
+
+def is_batch_norm_1d(m) -> bool:
+    """A BatchNorm the 1-D fused ops can stand in for (on (N, C, L) input): nn.BatchNorm1d,
+    nn.SyncBatchNorm or resfuse's SyncBatchNorm."""
+    return isinstance(m, (nn.BatchNorm1d,) + _SYNC_NORMS)
 
 
 def _sync_group(bn) -> Optional[object]:
@@ -65,8 +71,8 @@ def _sync_group(bn) -> Optional[object]:
 
 def _bn_args(bn: nn.BatchNorm2d) -> dict:
     """The state `nn.BatchNorm2d.forward` passes to F.batch_norm, plus its bookkeeping."""
-    if not is_batch_norm_2d(bn):
-        raise ResfuseInputError(f"expected an nn.BatchNorm2d, got {type(bn).__name__}")
+    if not (is_batch_norm_2d(bn) or is_batch_norm_1d(bn)):
+        raise ResfuseInputError(f"expected an nn.BatchNorm2d or nn.BatchNorm1d, got {type(bn).__name__}")
     tracking = not bn.training or bn.track_running_stats
     counting = bn.training and bn.track_running_stats
     return dict(bn_weight=bn.weight, bn_bias=bn.bias,
@@ -201,6 +207,54 @@ class FusedConvBNAct(nn.Module):
         return f"activation={self.activation}, backend={self.backend or 'auto'}"
 
 
+class FusedConvBNAct1d(FusedConvBNAct):
+    """`FusedConvBNAct` for 1-D data (time series, audio): y = act(bn(conv(x)) + residual)
+    on (N, C, L) input, `conv` an nn.Conv1d and `bn` an nn.BatchNorm1d (the same attribute
+    names and state dict as the plain chain); run as the 2-D op with H = 1."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False,
+                 activation: ActivationLike = "relu", eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, padding_mode: str = "zeros",
+                 backend: Optional[str] = None, device=None, dtype=None, *,
+                 sync_bn: bool = False, process_group=None):
+        nn.Module.__init__(self)
+        kw = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              groups, bias, padding_mode, **kw)
+        norm = _norm_layer(None, sync_bn, process_group) or nn.BatchNorm1d
+        self.bn = norm(out_channels, eps, momentum, affine, track_running_stats, **kw)
+        self.activation = as_activation(activation)
+        self.act = self.activation.module()
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv1d, bn: nn.BatchNorm1d, act: ActivationLike = None,
+                     backend: Optional[str] = None) -> "FusedConvBNAct1d":
+        """Wrap existing modules (shared, not copied). `act` None means identity."""
+        if type(conv) is not nn.Conv1d:
+            raise ResfuseInputError(f"conv: expected an nn.Conv1d, got {type(conv).__name__}")
+        if not is_batch_norm_1d(bn):
+            raise ResfuseInputError(f"bn: expected an nn.BatchNorm1d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ResfuseInputError(f"bn: expected num_features={conv.out_channels} "
+                                    f"(conv.out_channels), got {bn.num_features}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.conv, self.bn = conv, bn
+        self.activation = as_activation(act)
+        self.act = self.activation.module()
+        self.backend = backend
+        return self
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 3:
+            raise ResfuseInputError(f"x: expected a 3-D (N, C, L) tensor for a Conv1d, got "
+                                    f"shape {tuple(x.shape)}")
+        return super().forward(x, residual)
+
+
 class FusedResidualBlock(reference.ResidualBlock):
     """A ResNet block whose every conv -> bn -> act (and the residual add) is one fused op.
 
@@ -227,12 +281,22 @@ class FusedResidualBlock(reference.ResidualBlock):
         self._check_fusable()
         return self
 
+    def _conv_type(self):
+        """nn.Conv1d for a 1-D block (`dim=1`, or built around Conv1d modules), else nn.Conv2d."""
+        return nn.Conv1d if type(self.conv1) is nn.Conv1d else nn.Conv2d
+
+    def _is_block_bn(self, bn) -> bool:
+        return is_batch_norm_1d(bn) if self._conv_type() is nn.Conv1d else is_batch_norm_2d(bn)
+
     def _check_fusable(self):
+        conv_t = self._conv_type()
+        bn_name = "nn.BatchNorm1d" if conv_t is nn.Conv1d else "nn.BatchNorm2d"
         for i, (conv, bn) in enumerate(self._pairs(), 1):
-            if type(conv) is not nn.Conv2d:
-                raise ResfuseInputError(f"conv{i}: expected an nn.Conv2d, got {type(conv).__name__}")
-            if not is_batch_norm_2d(bn):
-                raise ResfuseInputError(f"bn{i}: expected an nn.BatchNorm2d (norm_layer), got "
+            if type(conv) is not conv_t:
+                raise ResfuseInputError(f"conv{i}: expected an nn.{conv_t.__name__}, got "
+                                        f"{type(conv).__name__}")
+            if not self._is_block_bn(bn):
+                raise ResfuseInputError(f"bn{i}: expected an {bn_name} (norm_layer), got "
                                         f"{type(bn).__name__}")
 
     def _shortcut(self, x: Tensor, a: Optional[Tensor] = None) -> Tensor:
@@ -242,8 +306,8 @@ class FusedResidualBlock(reference.ResidualBlock):
         if self.preact:
             return ds(a)
         layers = list(ds) if isinstance(ds, nn.Sequential) else []
-        if (len(layers) in (2, 3) and type(layers[-2]) is nn.Conv2d
-                and is_batch_norm_2d(layers[-1])):
+        if (len(layers) in (2, 3) and type(layers[-2]) is self._conv_type()
+                and self._is_block_bn(layers[-1])):
             if len(layers) == 3:
                 x = layers[0](x)
             return conv_bn_act_modules(x, layers[-2], layers[-1], None, backend=self.backend)

@@ -71,13 +71,16 @@ def bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias=N
 
 # --------------------------------------------------------------------------- modules
 
-def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 3, stride, dilation, groups=groups, bias=False,
-                     dilation=dilation)
+def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1, dim: int = 2) -> nn.Conv2d:
+    """torchvision's conv3x3 (`dim=1`: its nn.Conv1d counterpart, kernel 3)."""
+    conv = nn.Conv1d if dim == 1 else nn.Conv2d
+    return conv(in_planes, out_planes, 3, stride, dilation, groups=groups, bias=False,
+                dilation=dilation)
 
 
-def conv1x1(in_planes, out_planes, stride=1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+def conv1x1(in_planes, out_planes, stride=1, dim: int = 2) -> nn.Conv2d:
+    conv = nn.Conv1d if dim == 1 else nn.Conv2d
+    return conv(in_planes, out_planes, 1, stride, bias=False)
 
 
 class ConvBNAct(nn.Module):
@@ -108,15 +111,22 @@ class ResidualBlock(nn.Module):
     `downsample`: "auto" builds `Sequential(conv1x1, BatchNorm2d)` (preact: `Sequential(conv1x1)`)
     when the shape changes, or `Sequential(AvgPool2d, conv1x1, BatchNorm2d)` with
     `avg_down=True` (timm's "-d" variants); None means identity; a module is used as given.
+
+    `dim=1`: the same block for 1-D data (N, C, L): nn.Conv1d (kernels 3 and 1), nn.BatchNorm1d
+    and nn.AvgPool1d in place of their 2-D counterparts (the ResNet-1D of time series and audio).
     """
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, *,
                  bottleneck: bool = False, downsample: Union[str, nn.Module, None] = "auto",
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
                  activation: ActivationLike = "relu", preact: bool = False,
-                 avg_down: bool = False, norm_layer=None, expansion: Optional[int] = None):
+                 avg_down: bool = False, norm_layer=None, expansion: Optional[int] = None,
+                 dim: int = 2):
         super().__init__()
-        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        if dim not in (1, 2):
+            raise ValueError(f"dim: expected 1 (Conv1d) or 2 (Conv2d), got {dim!r}")
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d
         self.bottleneck, self.preact = bool(bottleneck), bool(preact)
         self.expansion = (4 if bottleneck else 1) if expansion is None else int(expansion)
         self.stride = stride
@@ -126,14 +136,15 @@ class ResidualBlock(nn.Module):
         # state_dict() list them in the same order as torchvision's blocks do.
         if bottleneck:
             width = int(channels * (base_width / 64.0)) * groups
-            convs = (conv1x1(in_channels, width), conv3x3(width, width, stride, groups, dilation),
-                     conv1x1(width, out_channels))
+            convs = (conv1x1(in_channels, width, dim=dim),
+                     conv3x3(width, width, stride, groups, dilation, dim=dim),
+                     conv1x1(width, out_channels, dim=dim))
             bn_sizes = (in_channels, width, width) if preact else (width, width, out_channels)
         else:
             if groups != 1 or base_width != 64:
                 raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-            convs = (conv3x3(in_channels, channels, stride, 1, dilation),
-                     conv3x3(channels, channels, 1, 1, dilation))
+            convs = (conv3x3(in_channels, channels, stride, 1, dilation, dim=dim),
+                     conv3x3(channels, channels, 1, 1, dilation, dim=dim))
             bn_sizes = (in_channels, channels) if preact else (channels, channels)
         for i, (conv, c) in enumerate(zip(convs, bn_sizes), 1):
             setattr(self, f"conv{i}", conv)
@@ -146,9 +157,11 @@ class ResidualBlock(nn.Module):
             if stride != 1 or in_channels != out_channels:
                 layers = []
                 if avg_down:
-                    layers.append(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+                    pool = nn.AvgPool1d if dim == 1 else nn.AvgPool2d
+                    layers.append(pool(stride, stride, ceil_mode=True, count_include_pad=False)
                                   if stride != 1 else nn.Identity())
-                layers.append(conv1x1(in_channels, out_channels, 1 if avg_down else stride))
+                layers.append(conv1x1(in_channels, out_channels, 1 if avg_down else stride,
+                                      dim=dim))
                 if not preact:
                     layers.append(norm_layer(out_channels))
                 downsample = nn.Sequential(*layers)

@@ -115,7 +115,8 @@ def check_input(x):
     if not isinstance(x, torch.Tensor):
         _fail(f"x: expected a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        _fail(f"x: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        _fail("x: expected a 4-D (N, C, H, W) tensor (or a 3-D (N, C, L) one for a 1-D "
+              f"convolution), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         _fail(f"x: expected a floating-point tensor, got {x.dtype}")
 
