@@ -4,9 +4,11 @@ One small immutable `Activation` describes the activation of every op (kind + le
 gelu approximation). It knows three things the backends need:
 
 * `forward(u)`: the eager function, exactly as `torch.nn.functional` computes it;
-* `saves`: what backward needs from forward — nothing (identity), the *output* (relu: its
-  gradient is a mask, and the output is alive anyway as the next layer's input), or the
-  *pre-activation* (leaky_relu, silu, gelu);
+* `saves`: what backward needs from forward — nothing (identity), the *output* (relu and
+  relu6: the gradient is a mask that the output gives exactly — relu6's y = clamp(u, 0, 6)
+  is 0 or 6 exactly where u <= 0 or u >= 6, NaN where u is NaN — and the output is alive
+  anyway as the next layer's input), or the *pre-activation* (leaky_relu, silu, gelu,
+  hardswish, hardsigmoid, mish);
 * `backward(grad, saved)`: the gradient, by the same aten backward kernels autograd uses for
   the eager chain, so NaN/Inf and ties at 0 behave exactly as in eager.
 """
@@ -19,7 +21,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KINDS = ("identity", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh")
+# The order is the kernels' activation numbering (triton_kernels/conv.py ACT_*, csrc's Act):
+# new kinds are appended, never inserted.
+KINDS = ("identity", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh",
+         "relu6", "hardswish", "hardsigmoid", "mish")
+
+# Other spellings accepted by `as_activation` (timm's names among them).
+_ALIASES = {"none": "identity", "swish": "silu", "gelu_erf": "gelu", "leakyrelu": "leaky_relu",
+            "hard_swish": "hardswish", "hswish": "hardswish", "hard_sigmoid": "hardsigmoid",
+            "hsigmoid": "hardsigmoid"}
 
 # What backward reads, per kind.
 SAVES_NOTHING, SAVES_OUTPUT, SAVES_INPUT = "nothing", "output", "input"
@@ -38,7 +48,7 @@ class Activation:
     def saves(self) -> str:
         if self.kind == "identity":
             return SAVES_NOTHING
-        if self.kind == "relu":
+        if self.kind in ("relu", "relu6"):
             return SAVES_OUTPUT
         return SAVES_INPUT
 
@@ -54,7 +64,15 @@ class Activation:
             return F.silu(u)
         if k == "gelu":
             return F.gelu(u)
-        return F.gelu(u, approximate="tanh")
+        if k == "gelu_tanh":
+            return F.gelu(u, approximate="tanh")
+        if k == "relu6":
+            return F.relu6(u)
+        if k == "hardswish":
+            return F.hardswish(u)
+        if k == "hardsigmoid":
+            return F.hardsigmoid(u)
+        return F.mish(u)
 
     def forward_(self, u: torch.Tensor) -> torch.Tensor:
         """In place where the activation allows it (u is a temporary nobody else holds)."""
@@ -65,6 +83,14 @@ class Activation:
             return u.relu_()
         if k == "leaky_relu":
             return F.leaky_relu_(u, self.negative_slope)
+        if k == "relu6":
+            return F.relu6(u, inplace=True)
+        if k == "hardswish":
+            return F.hardswish(u, inplace=True)
+        if k == "hardsigmoid":
+            return F.hardsigmoid(u, inplace=True)
+        if k == "mish":
+            return F.mish(u, inplace=True)
         return self.forward(u)
 
     def backward(self, grad: torch.Tensor, saved: Optional[torch.Tensor]) -> torch.Tensor:
@@ -81,7 +107,15 @@ class Activation:
             return aten.silu_backward(grad, saved)
         if k == "gelu":
             return aten.gelu_backward(grad, saved, approximate="none")
-        return aten.gelu_backward(grad, saved, approximate="tanh")
+        if k == "gelu_tanh":
+            return aten.gelu_backward(grad, saved, approximate="tanh")
+        if k == "relu6":  # from the output: 0 where y <= 0 or y >= 6, as from u (see `saves`)
+            return aten.hardtanh_backward(grad, saved, 0.0, 6.0)
+        if k == "hardswish":
+            return aten.hardswish_backward(grad, saved)
+        if k == "hardsigmoid":
+            return aten.hardsigmoid_backward(grad, saved)
+        return aten.mish_backward(grad, saved)
 
     def module(self) -> nn.Module:
         """The nn.Module with the same function (what `revert` puts back)."""
@@ -96,13 +130,23 @@ class Activation:
             return nn.SiLU(inplace=True)
         if k == "gelu":
             return nn.GELU()
-        return nn.GELU(approximate="tanh")
+        if k == "gelu_tanh":
+            return nn.GELU(approximate="tanh")
+        if k == "relu6":
+            return nn.ReLU6(inplace=True)
+        if k == "hardswish":
+            return nn.Hardswish(inplace=True)
+        if k == "hardsigmoid":
+            return nn.Hardsigmoid(inplace=True)
+        return nn.Mish(inplace=True)
 
     def __str__(self) -> str:
         if self.kind == "leaky_relu":
             return f"leaky_relu({self.negative_slope:g})"
         return self.kind
 
+
+_MODULE_KINDS = {nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish"}
 
 ActivationLike = Union[None, str, Activation, nn.Module]
 
@@ -111,8 +155,10 @@ def as_activation(act: ActivationLike, negative_slope: Optional[float] = None) -
     """Normalise `None`, a name, an `Activation` or an nn.Module instance to an `Activation`.
 
     Names: "identity"/"none", "relu", "leaky_relu", "silu"/"swish", "gelu" (erf),
-    "gelu_tanh". A module must be one of nn.Identity, nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU
-    (a subclass counts only if it is exactly one of these); anything else is refused with
+    "gelu_tanh", "relu6", "hardswish"/"hard_swish", "hardsigmoid"/"hard_sigmoid", "mish".
+    A module's type must be exactly one of nn.Identity, nn.ReLU, nn.LeakyReLU, nn.SiLU,
+    nn.GELU, nn.ReLU6, nn.Hardtanh(0, 6) (relu6), nn.Hardswish, nn.Hardsigmoid, nn.Mish
+    (a subclass is not accepted: it may override forward); anything else is refused with
     `TypeError`, because fusing an activation we do not know would change the function.
     """
     if isinstance(act, Activation):
@@ -121,8 +167,7 @@ def as_activation(act: ActivationLike, negative_slope: Optional[float] = None) -
         return Activation("identity")
     if isinstance(act, str):
         name = act.lower().replace("-", "_")
-        name = {"none": "identity", "swish": "silu", "gelu_erf": "gelu", "leakyrelu": "leaky_relu"}.get(
-            name, name)
+        name = _ALIASES.get(name, name)
         if name not in KINDS:
             raise ValueError(f"activation: expected one of {KINDS} (or None), got {act!r}")
         if name == "leaky_relu":
@@ -140,6 +185,16 @@ def as_activation(act: ActivationLike, negative_slope: Optional[float] = None) -
             return Activation("silu")
         if t is nn.GELU:
             return Activation("gelu_tanh" if act.approximate == "tanh" else "gelu")
+        if t is nn.ReLU6:
+            return Activation("relu6")
+        if t is nn.Hardtanh:
+            if float(act.min_val) == 0.0 and float(act.max_val) == 6.0:
+                return Activation("relu6")
+            raise TypeError(f"activation: cannot fuse nn.Hardtanh({act.min_val}, {act.max_val}); "
+                            "only nn.Hardtanh(0, 6) (relu6) is supported")
+        if t in _MODULE_KINDS:
+            return Activation(_MODULE_KINDS[t])
         raise TypeError(f"activation: cannot fuse a {t.__name__}; supported modules are "
-                        "nn.Identity, nn.ReLU, nn.LeakyReLU, nn.SiLU and nn.GELU")
+                        "nn.Identity, nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ReLU6, "
+                        "nn.Hardtanh(0, 6), nn.Hardswish, nn.Hardsigmoid and nn.Mish")
     raise TypeError(f"activation: expected None, a name, an Activation or an nn.Module, got {type(act).__name__}")

@@ -42,13 +42,26 @@ def _eval_case(act, residual, layout, dtype=torch.float32, groups=1, stride=1, k
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
-@pytest.mark.parametrize("act", ["relu", "identity", "leaky_relu", "silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["relu", "identity", "leaky_relu", "silu", "gelu", "gelu_tanh",
+                                 "relu6", "hardswish", "hardsigmoid", "mish"])
 def test_eval_inference_parity(act, residual, layout, onednn):
     activation = nn.LeakyReLU(0.1) if act == "leaky_relu" else act
     out, ref_lp, ref64 = _eval_case(activation, residual, layout)
     assert_honest(out, ref_lp, ref64, f"{act}")
     # the output's memory format is eager's
     assert out.stride() == ref_lp.stride(), (out.stride(), ref_lp.stride())
+
+
+@pytest.mark.parametrize("act", ["relu6", "hardswish", "hardsigmoid"])
+def test_onednn_post_op_taken_for_the_activations_it_has(act):
+    """relu6 (oneDNN's hardtanh on [0, 6]), hardswish and hardsigmoid are oneDNN post-ops here
+    (without a residual: its binary add takes only relu after it); mish has none."""
+    if eager._onednn_op() is None:
+        pytest.skip("this torch has no oneDNN fused convolution")
+    eager._refused.clear()
+    out, ref_lp, ref64 = _eval_case(act, False, "nchw")
+    assert_honest(out, ref_lp, ref64, act)
+    assert not any(key[1] == act for key in eager._refused), eager._refused
 
 
 def test_channels_last_weight_with_nchw_input_gives_eagers_layout(onednn):

@@ -23,13 +23,19 @@ from .base import Backend, Tensor, acc_dtype, memory_format_of
 def _acc(z: Tensor) -> torch.dtype:
     return acc_dtype(z.dtype)
 
-# activation kind -> (oneDNN unary attr, scalars, algorithm)
+# activation kind -> (oneDNN unary attr, scalars, algorithm). Not listed: no oneDNN post-op
+# (mish: this torch's op answers "Fusion behavior undefined"), the plain pieces run. With a
+# residual, oneDNN's binary-add post-op takes only relu after it on this torch (the others
+# are refused once and remembered, see `_refused`).
 _ONEDNN_UNARY = {
     "identity": ("none", [], None),
     "relu": ("relu", [], None),
     "silu": ("swish", [], None),
     "gelu": ("gelu", [], "none"),
     "gelu_tanh": ("gelu", [], "tanh"),
+    "relu6": ("hardtanh", [0.0, 6.0], None),
+    "hardswish": ("hardswish", [], None),
+    "hardsigmoid": ("hardsigmoid", [], None),
 }
 
 _cpu_fused_conv = True
@@ -202,8 +208,10 @@ class EagerBackend(Backend):
             return None
         if act.kind == "leaky_relu":
             unary, scalars, algo = "leaky_relu", [act.negative_slope], None
-        else:
+        elif act.kind in _ONEDNN_UNARY:
             unary, scalars, algo = _ONEDNN_UNARY[act.kind]
+        else:
+            return None
         # The output layout must be eager's: channels_last iff the input or the weight is.
         channels_last = _is_channels_last(x) or _is_channels_last(folded.weight)
         key = (x.dtype, act.kind, residual is not None, channels_last, p.groups)
