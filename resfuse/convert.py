@@ -304,6 +304,10 @@ class _Planner:
         claimed, untrusted = set(), set()
         if self.chains and trusted:
             claimed, untrusted = self._chains_in(module, qual)
+        elif self.chains and any(graph_finder.is_conv(m) for m in module._modules.values()):
+            self.report.skipped.append((qual, _qualname(module), "its parent's forward calls "
+                                        "its submodules directly (bypassing its forward): its "
+                                        "layers are left as they are"))
         for name, child in list(module._modules.items()):
             if child is None or name in claimed:
                 continue
