@@ -84,6 +84,11 @@ class ConvertReport:
             rows = [r for r in self.chains if r.kind == kind]
             if rows:
                 lines.append(f"  {kind} chains: {len(rows)} ({_tally(r.activation for r in rows)})")
+        lone = sum(r.kind == graph_finder.POST and r.activation == "identity" for r in self.chains)
+        if lone:
+            lines.append(f"  of which conv+BN without activation: {lone} (in eval the BN folds into "
+                         "the conv; in training on the CPU they run the very torch ops of the "
+                         "unfused pair, so expect no gain there)")
         noted = sum(bool(r.note) for r in self.chains)
         if noted:
             lines.append(f"  chains with a part left out: {noted} (see their notes)")
@@ -265,7 +270,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
     for parent, name, new in norms:  # first, so that the fused modules hold the new layers
         parent._modules[name] = new
     try:
-        plan = _Planner(model, backend, report, chains).run()
+        plan = _block_plan(model, backend, report, chains)
     except BaseException:
         for parent, name, old in previous:  # all-or-nothing
             parent._modules[name] = old
@@ -273,6 +278,12 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
     for parent, name, new in plan:  # nothing below can fail
         parent._modules[name] = new
     return report
+
+
+def _block_plan(model: nn.Module, backend: Optional[str], report: ConvertReport,
+                chains: bool = True):
+    """[(parent, name, new module)] for every block and chain slot to swap (nothing changed)."""
+    return _Planner(model, backend, report, chains).run()
 
 
 _FUSED = (FusedResidualBlock, FusedConvBNAct) + slots.CONV_SLOT_TYPES + slots.NORM_SLOT_TYPES
