@@ -15,6 +15,18 @@ Mirrored upstream versions:
   with the `timm.layers` helpers it uses reduced to plain torch: get_padding, make_divisible,
   DropPath, DropBlock2d, SEModule (+ create_attn), BlurPool2d (+ create_aa), AvgPool2dSame,
   Sigmoid, SelectAdaptivePool2d (+ create_classifier), get_act_layer / get_norm_layer.
+- Beyond ResNet (for the chain finder): torchvision `ops/misc.py` ConvNormActivation /
+  Conv2dNormActivation / SqueezeExcitation, `ops/stochastic_depth.py`, `models/vgg.py`
+  (make_layers, VGG), `models/densenet.py` (_DenseLayer with its memory-efficient checkpoint
+  path, _DenseBlock as a ModuleDict, _Transition, DenseNet), `models/mobilenetv2.py`,
+  `models/efficientnet.py` (MBConv, its config reduced to arguments), `models/regnet.py`
+  (BottleneckTransform, ResBottleneckBlock); timm `layers/norm_act.py` BatchNormAct2d (its
+  forward verbatim), `layers/conv_bn_act.py` ConvNormAct, `create_conv2d` for static padding
+  only, `models/regnet.py` Bottleneck (conv1..3 are ConvNormAct, no bn1), `models/resnetv2.py`
+  PreActBottleneck + DownsampleConv, `models/_efficientnet_blocks.py` SqueezeExcite,
+  DepthwiseSeparableConv, InvertedResidual (without s2d, aa and CondConv). DenseNet, MobileNetV2,
+  BatchNormAct2d, ConvNormAct and timm's regnet were read from the upstream sources; the others
+  follow upstream's structure from the same era, not line by line.
 """
 from __future__ import annotations
 
@@ -40,6 +52,13 @@ __all__ = [
     "TimmBasicBlock", "TimmBottleneck", "TimmResNet", "downsample_conv", "downsample_avg",
     "drop_blocks", "make_blocks",
     "timm_resnet18", "timm_resnet50", "timm_resnet50d", "timm_seresnet50", "timm_resnext50_32x4d",
+    # beyond ResNet
+    "ConvNormActivation", "Conv2dNormActivation", "SqueezeExcitation", "StochasticDepth",
+    "vgg_make_layers", "TvVGG", "TvDenseLayer", "TvDenseBlock", "TvTransition", "TvDenseNet",
+    "TvInvertedResidual", "TvMobileNetV2", "TvMBConv", "TvBottleneckTransform",
+    "TvResBottleneckBlock", "create_conv2d", "BatchNormAct2d", "ConvNormAct",
+    "TimmRegNetBottleneck", "TimmDownsampleConv", "TimmPreActBottleneck", "TimmSqueezeExcite",
+    "TimmDepthwiseSeparableConv", "TimmInvertedResidual",
 ]
 
 
@@ -1136,12 +1155,6 @@ class TvVGG(nn.Module):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.classifier(x)
-
-
-def tv_vgg_tiny_bn(num_classes: int = 10) -> TvVGG:
-    """vgg11_bn's layout ("A": 64, M, 128, M, 256, 256, M, ...) at tiny widths."""
-    return TvVGG(vgg_make_layers([8, "M", 16, "M", 16, 16, "M"], batch_norm=True), num_classes,
-                 hidden=32)
 
 
 # -- DenseNet (torchvision/models/densenet.py)
