@@ -42,7 +42,7 @@ from counts import BlockShape, Chain, Conv
 
 SUITES = ("quick", "ops", "blocks", "models", "all")
 EAGER, COMPILE, AUTOTUNE = "eager", "torch.compile", "torch.compile(max-autotune)"
-MODELS = ("resnet18", "resnet50")
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "densenet121")
 # Models: the largest norm-wise relative error against eager in the same dtype of the logits
 # (and in training the running statistics and the loss); fp32 on a GPU convolves in TF32.
 MODEL_LIMIT = {torch.float64: 1e-10, torch.float32: 5e-3, torch.float16: 2e-2,
@@ -362,7 +362,7 @@ def _converted(model: nn.Module, backend: str) -> nn.Module:
     fused = copy.deepcopy(model)
     holder = nn.Sequential(fused)  # convert swaps children: a lone block needs a parent
     report = resfuse.convert(holder, backend=None if backend == "auto" else backend)
-    if not report.swapped:
+    if not (report.swapped or report.chains):
         raise RuntimeError(f"resfuse.convert fused nothing: {report}")
     return holder
 
@@ -462,13 +462,19 @@ def blocks_cases(s: Settings, quick: bool = False) -> List[Case]:
 
 
 # -- models --------------------------------------------------------------------------------------
+# MobileNetV2's classifier dropout off: the training step's check against eager must be
+# deterministic (the timed work is the same).
+_MODEL_KWARGS = {"mobilenet_v2": dict(dropout=0.0)}
+
+
 def build_model(name: str, num_classes: int = 1000) -> Tuple[nn.Module, str]:
+    kw = dict(_MODEL_KWARGS.get(name, {}), num_classes=num_classes)
     try:
         import torchvision
-        return getattr(torchvision.models, name)(num_classes=num_classes), "torchvision"
+        return getattr(torchvision.models, name)(**kw), "torchvision"
     except Exception:  # noqa: BLE001 - torchvision missing or built for another torch
         from resfuse import models
-        return getattr(models, name)(num_classes=num_classes), "resfuse.models"
+        return getattr(models, name)(**kw), "resfuse.models"
 
 
 def _model_state(m: nn.Module) -> list:
@@ -522,15 +528,17 @@ def graphed_train_step(model: nn.Module, inputs: list, target: torch.Tensor):
 
 def model_case(model_name: str, mode: str, s: Settings) -> Case:
     n = s.batch
-    macs = counts.resnet_conv_macs(model_name, s.image)
     train = mode == "train_step"
-    # Training: forward, weight gradients, and data gradients of all but the stem's conv.
-    flops = 2 * n * (3 * macs - counts.resnet_stem_macs(s.image) if train else macs)
-    # (Bytes: the blocks' only; the stem, pooling and classifier are not counted.)
-    nbytes = sum(t * b.chain(n, s.dtype.itemsize).bytes(mode)
-                 for b, t in counts.resnet_blocks(model_name, s.image))
-    nbytes_eager = sum(t * b.chain(n, s.dtype.itemsize).bytes(mode, "eager")
-                       for b, t in counts.resnet_blocks(model_name, s.image))
+    flops = nbytes = nbytes_eager = None  # counted for the ResNets only
+    if model_name.startswith("resnet"):
+        macs = counts.resnet_conv_macs(model_name, s.image)
+        # Training: forward, weight gradients, and data gradients of all but the stem's conv.
+        flops = 2 * n * (3 * macs - counts.resnet_stem_macs(s.image) if train else macs)
+        # (Bytes: the blocks' only; the stem, pooling and classifier are not counted.)
+        nbytes = sum(t * b.chain(n, s.dtype.itemsize).bytes(mode)
+                     for b, t in counts.resnet_blocks(model_name, s.image))
+        nbytes_eager = sum(t * b.chain(n, s.dtype.itemsize).bytes(mode, "eager")
+                           for b, t in counts.resnet_blocks(model_name, s.image))
 
     def build(s: Settings) -> Built:
         torch.manual_seed(0)

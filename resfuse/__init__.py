@@ -9,7 +9,7 @@
 from . import functional, reference
 from .activations import Activation
 from .backend import BackendUnavailable, backends, use_backend
-from .convert import ConvertReport, NotFusable, convert, fuse_block, revert
+from .convert import ChainRow, ConvertReport, NotFusable, convert, fuse_block, revert
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock,
                       SyncBatchNorm)
 from .modules import FusedConvBNAct1d
@@ -19,7 +19,7 @@ from .validation import ResfuseInputError
 from .version import __version__
 
 __all__ = ["functional", "reference", "Activation", "BackendUnavailable", "backends",
-           "use_backend", "ConvertReport", "NotFusable", "convert", "fuse_block", "revert",
+           "use_backend", "ChainRow", "ConvertReport", "NotFusable", "convert", "fuse_block", "revert",
            "FusedBasicBlock", "FusedBottleneck", "FusedConvBNAct", "FusedResidualBlock",
            "SyncBatchNorm", "BNActConvFunction", "ConvBNActFunction", "OpConfig",
            "SyncBNActConvFunction", "SyncConvBNActFunction", "ResfuseInputError", "__version__",

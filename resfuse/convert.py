@@ -1,16 +1,30 @@
-"""`resfuse.convert(model)`: swap the residual blocks of an existing model for fused ones.
+"""`resfuse.convert(model)`: fuse an existing model's residual blocks and conv-BN chains.
 
-Recognised blocks: torchvision's and timm's `BasicBlock` and `Bottleneck` (by class name and
-defining module, then checked attribute by attribute) and resfuse's own plain reference blocks.
-A block is swapped only when the fused block computes exactly the same function; otherwise it
-is skipped with the reason in the report (squeeze-excitation, anti-aliasing, active drop-path
-or drop-block, a norm that is not `nn.BatchNorm2d`, a conv subclass, mixed activations, …).
+Two levels, tried in this order, walking the model in its own order:
+
+1. Whole residual blocks: torchvision's and timm's ResNet `BasicBlock` and `Bottleneck` (by
+   class name and defining module, then checked attribute by attribute) and resfuse's own plain
+   reference blocks become one fused block, the residual add and last activation included. A
+   block is swapped only when the fused block computes exactly the same function; otherwise it
+   is skipped with the reason (squeeze-excitation, anti-aliasing, active drop-path or
+   drop-block, a norm that is not `nn.BatchNorm2d`, a conv subclass, mixed activations, ...).
+2. Chains, everywhere else (inside skipped blocks too, and in models without any block:
+   VGG-BN, DenseNet, MobileNet, EfficientNet, RegNet, ResNet v2, CSPNet): every
+   conv -> BatchNorm (-> activation) and BatchNorm -> activation -> conv chain that the module's
+   dataflow proves exact (`graph_finder`: torch.fx per module, known forwards as the fallback)
+   is swapped slot by slot for the fused op (`chains`). Depthwise and grouped convs, Conv1d ->
+   BatchNorm1d and timm's ConvNormAct / BatchNormAct2d included. A residual add written in a
+   forward stays as it is: only whole known blocks fuse it.
+
+It never raises on a model it does not know: what it cannot fuse is left as it is, with the
+reason in the report.
 
 What convert keeps: the very same `Parameter` and buffer objects (an optimizer built before
-still works; state-dict keys are unchanged), every module's train/eval mode, device, dtype and
-memory format. It is all-or-nothing: every check runs and every new block is built before the
-first one is put in, so an error leaves the model as it was. `revert(model)` puts the original
-block objects back (or plain `resfuse.reference` blocks for fused blocks built directly).
+still works; state-dict keys are unchanged, both ways), every module's train/eval mode, device,
+dtype and memory format. It is all-or-nothing: every check runs and every new module is built
+before the first one is put in, so an error leaves the model as it was. `revert(model)` puts
+the original modules back (or plain `resfuse.reference` blocks for fused blocks built
+directly).
 
 Synchronised BN: `convert(model, sync_bn=True[, process_group=pg])` also puts a
 `resfuse.SyncBatchNorm` (nn.SyncBatchNorm as resfuse computes it, on any device) in place of
@@ -22,11 +36,12 @@ with their own process groups, sync_bn or not. `revert` leaves these SyncBatchNo
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from collections import Counter
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch.nn as nn
 
-from . import backend as dispatch, reference
+from . import backend as dispatch, chains as slots, graph_finder, reference
 from .activations import as_activation
 from .backend.base import BackendUnavailable
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock,
@@ -39,26 +54,69 @@ class NotFusable(Exception):
     """A block that cannot be fused exactly; the message is the reason."""
 
 
+class ChainRow(NamedTuple):
+    """One fused chain: `name` is its conv's qualified name, `members` every slot swapped (in
+    dataflow order), `kind` "conv_bn_act" or "bn_act_conv", `note` what stayed out of it."""
+    name: str
+    members: Tuple[str, ...]
+    kind: str
+    activation: str
+    note: str = ""
+
+
 @dataclasses.dataclass
 class ConvertReport:
-    """What `convert`/`revert` did: `swapped` rows are (name, old class, new class), `skipped`
-    rows (name, class, reason); `synced` names the BatchNorm layers made `resfuse.SyncBatchNorm`."""
+    """What `convert`/`revert` did, in model order: `swapped` rows are whole blocks (name, old
+    class, new class); `chains` the fused chains (`ChainRow`); `skipped` rows (name, class,
+    reason) what was left as it is; `synced` the BatchNorm layers made `resfuse.SyncBatchNorm`."""
     swapped: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
     skipped: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
     synced: List[str] = dataclasses.field(default_factory=list)
+    chains: List[ChainRow] = dataclasses.field(default_factory=list)
 
-    def __str__(self) -> str:
-        lines = [f"{len(self.swapped)} block(s) swapped, {len(self.skipped)} skipped"]
+    def summary(self) -> List[str]:
+        """One line per kind: blocks, each chain kind, skips, synchronised norms."""
+        lines = [f"{len(self.swapped)} block(s) swapped, {len(self.chains)} chain(s) fused, "
+                 f"{len(self.skipped)} skipped"]
+        if self.swapped:
+            lines.append("  blocks: " + _tally(new for _, _, new in self.swapped))
+        for kind in (graph_finder.POST, graph_finder.PRE):
+            rows = [r for r in self.chains if r.kind == kind]
+            if rows:
+                lines.append(f"  {kind} chains: {len(rows)} ({_tally(r.activation for r in rows)})")
+        lone = sum(r.kind == graph_finder.POST and r.activation == "identity" for r in self.chains)
+        if lone:
+            lines.append(f"  of which conv+BN without activation: {lone} (in eval the BN folds into "
+                         "the conv; in training on the CPU they run the very torch ops of the "
+                         "unfused pair, so expect no gain there)")
+        noted = sum(bool(r.note) for r in self.chains)
+        if noted:
+            lines.append(f"  chains with a part left out: {noted} (see their notes)")
         if self.synced:
             lines.append(f"  {len(self.synced)} BatchNorm layer(s) synchronised")
+        return lines
+
+    def __str__(self) -> str:
+        lines = self.summary()
         lines += [f"  swapped {n}: {a} -> {b}" for n, a, b in self.swapped]
-        lines += [f"  skipped {n} ({c}): {r}" for n, c, r in self.skipped]
+        lines += [f"  fused {r.name}: {r.kind}({r.activation}) over {' -> '.join(r.members)}"
+                  + (f"; {r.note}" if r.note else "") for r in self.chains]
+        lines += [f"  skipped {n or '(model)'} ({c}): {r}" for n, c, r in self.skipped]
         return "\n".join(lines)
+
+
+def _tally(items) -> str:
+    return ", ".join(f"{k} {v}" for k, v in Counter(items).most_common())
 
 
 def _qualname(m: nn.Module) -> str:
     t = type(m)
     return f"{t.__module__}.{t.__name__}"
+
+
+# The files whose BasicBlock/Bottleneck fuse whole. Other libraries' classes of the same name
+# (timm's regnet, cspnet, ... Bottleneck) have other parts and forwards: chains only.
+_BLOCK_FILES = {"torchvision.models.resnet": "torchvision", "timm.models.resnet": "timm"}
 
 
 def _origin(m: nn.Module) -> Optional[str]:
@@ -67,15 +125,19 @@ def _origin(m: nn.Module) -> Optional[str]:
     if t in (reference.ResidualBlock, reference.BasicBlock, reference.Bottleneck):
         return "resfuse"
     if t.__name__ in ("BasicBlock", "Bottleneck"):
-        root = t.__module__.split(".")[0]
-        if root in ("torchvision", "timm"):
-            return root
+        return _BLOCK_FILES.get(t.__module__)
     return None
 
 
 def _looks_like_block(m: nn.Module) -> bool:
+    """A residual-block-like module we do not fuse whole (reported, then fused chain by chain)."""
     name = type(m).__name__
-    return ("Block" in name or "Bottleneck" in name) and hasattr(m, "conv1") and hasattr(m, "bn1")
+    if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return False  # containers of blocks or layers (a DenseNet block, a RegNet transform)
+    if not any(k in name for k in ("Block", "Bottleneck", "Residual", "MBConv", "DenseLayer",
+                                   "DepthwiseSeparable")):
+        return False
+    return hasattr(m, "conv1") or any(graph_finder.is_conv(c) for c in m.modules())
 
 
 def _is_off(m) -> bool:
@@ -169,25 +231,27 @@ def fuse_block(block: nn.Module, backend: Optional[str] = None) -> FusedResidual
 
 
 def _walk(model: nn.Module):
-    """(parent, child name, qualified name, child) for every module below `model`."""
-    stack = [("", model)]
-    while stack:
-        prefix, parent = stack.pop()
+    """(parent, child name, qualified name, child) for every module below `model`, in model
+    order (depth first, children in registration order)."""
+    def below(prefix, parent):
         for name, child in list(parent._modules.items()):
             if child is None:
                 continue
             qual = f"{prefix}.{name}" if prefix else name
             yield parent, name, qual, child
-            stack.append((qual, child))
+            yield from below(qual, child)
+    yield from below("", model)
 
 
 def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = False,
-            process_group=None) -> ConvertReport:
-    """Swap, in place, every block of `model` that resfuse can fuse exactly; returns a report.
+            process_group=None, *, chains: bool = True) -> ConvertReport:
+    """Fuse, in place, every block and chain of `model` that resfuse can fuse exactly; returns
+    a report of what was fused and of what was left, with why.
 
-    `backend` forces the fused blocks' backend (default: chosen per call, see
+    `backend` forces the fused modules' backend (default: chosen per call, see
     `resfuse.use_backend`). `sync_bn=True` synchronises every BatchNorm's statistics over
-    `process_group` (None: the whole world) in training, as nn.SyncBatchNorm.
+    `process_group` (None: the whole world) in training, as nn.SyncBatchNorm. `chains=False`
+    swaps whole blocks only (as resfuse did before chains).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -203,44 +267,145 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
     report = ConvertReport()
     norms = _sync_plan(model, sync_bn, process_group, report)
     previous = [(parent, name, parent._modules[name]) for parent, name, _ in norms]
-    for parent, name, new in norms:  # first, so that the fused blocks hold the new layers
+    for parent, name, new in norms:  # first, so that the fused modules hold the new layers
         parent._modules[name] = new
     try:
-        plan = _block_plan(model, backend, report)
+        plan = _block_plan(model, backend, report, chains)
     except BaseException:
         for parent, name, old in previous:  # all-or-nothing
             parent._modules[name] = old
         raise
-    for parent, name, fused in plan:  # nothing below can fail
-        parent._modules[name] = fused
+    for parent, name, new in plan:  # nothing below can fail
+        parent._modules[name] = new
     return report
 
 
-def _block_plan(model: nn.Module, backend: Optional[str], report: ConvertReport):
-    """[(parent, name, fused block)] for every block to swap (nothing changed yet)."""
-    plan: List[Tuple[nn.Module, str, nn.Module]] = []
-    done: Dict[int, nn.Module] = {}
-    skip_below = set()
-    for parent, name, qual, child in _walk(model):
-        if id(parent) in skip_below:
-            skip_below.add(id(child))
-            continue
-        if isinstance(child, (FusedResidualBlock, FusedConvBNAct)):
-            skip_below.add(id(child))
-            continue
-        if _origin(child) is None and not _looks_like_block(child):
-            continue
-        skip_below.add(id(child))  # never fuse inside a block
-        if id(child) not in done:  # a block shared by two parents is fused once
-            try:
-                done[id(child)] = fuse_block(child, backend)
-            except NotFusable as e:
-                report.skipped.append((qual, _qualname(child), str(e)))
+def _block_plan(model: nn.Module, backend: Optional[str], report: ConvertReport,
+                chains: bool = True):
+    """[(parent, name, new module)] for every block and chain slot to swap (nothing changed)."""
+    return _Planner(model, backend, report, chains).run()
+
+
+_FUSED = (FusedResidualBlock, FusedConvBNAct) + slots.CONV_SLOT_TYPES + slots.NORM_SLOT_TYPES
+
+
+class _Planner:
+    """Walks the model once, in its order, and plans every swap (nothing changes here)."""
+
+    def __init__(self, model: nn.Module, backend: Optional[str], report: ConvertReport,
+                 chains: bool):
+        self.model, self.backend, self.report, self.chains = model, backend, report, chains
+        self.plan: List[Tuple[nn.Module, str, nn.Module]] = []
+        self.fused_blocks: Dict[int, nn.Module] = {}
+        # A module registered in two places cannot have its slot swapped in one of them only.
+        self.uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        self.found_any = False
+
+    def run(self):
+        self._visit(self.model, "")
+        r = self.report
+        if not (r.swapped or r.chains or r.skipped) and not self.found_any:
+            r.skipped.append(("", _qualname(self.model), "nothing to fuse: no known residual "
+                              "block and no conv -> BatchNorm or BatchNorm -> activation -> "
+                              "conv chain (resfuse fuses nn.Conv1d/2d with nn.BatchNorm1d/2d)"))
+        return self.plan
+
+    def _visit(self, module: nn.Module, qual: str, trusted: bool = True):
+        """Plan `module`'s children (chains among them first), then go below each."""
+        claimed, untrusted = set(), set()
+        if self.chains and trusted:
+            claimed, untrusted = self._chains_in(module, qual)
+        elif self.chains and any(graph_finder.is_conv(m) for m in module._modules.values()):
+            self.report.skipped.append((qual, _qualname(module), "its parent's forward calls "
+                                        "its submodules directly (bypassing its forward): its "
+                                        "layers are left as they are"))
+        for name, child in list(module._modules.items()):
+            if child is None or name in claimed:
                 continue
-        fused = done[id(child)]
-        plan.append((parent, name, fused))
-        report.swapped.append((qual, _qualname(child), type(fused).__name__))
-    return plan
+            cq = f"{qual}.{name}" if qual else name
+            if isinstance(child, _FUSED):
+                self.found_any = True
+                continue
+            if _origin(child) is not None:
+                if self._block(module, name, cq, child) or not self.chains:
+                    continue  # fused whole (or blocks only): nothing to do below
+            elif _looks_like_block(child) and self.chains:
+                self.report.skipped.append((cq, _qualname(child), _UNKNOWN_BLOCK))
+            self._visit(child, cq, trusted=name not in untrusted)
+
+    def _block(self, parent, name, qual, child) -> bool:
+        if id(child) not in self.fused_blocks:  # a block shared by two parents is fused once
+            try:
+                self.fused_blocks[id(child)] = fuse_block(child, self.backend)
+            except NotFusable as e:
+                self.report.skipped.append((qual, _qualname(child), str(e)
+                                            + ("; its chains are fused one by one" if self.chains else "")))
+                return False
+            except Exception as e:  # noqa: BLE001 - a block we misjudged: never the user's crash
+                self.report.skipped.append((qual, _qualname(child), f"could not be analysed as "
+                                            f"a block ({type(e).__name__}: {e})"))
+                return False
+        fused = self.fused_blocks[id(child)]
+        self.plan.append((parent, name, fused))
+        self.report.swapped.append((qual, _qualname(child), type(fused).__name__))
+        return True
+
+    def _chains_in(self, module: nn.Module, qual: str):
+        """Plan the chains among `module`'s children; (claimed child names, children whose own
+        children the forward calls directly)."""
+        try:
+            found = graph_finder.find(module)
+        except Exception as e:  # noqa: BLE001 - the finder's own failure costs this module only
+            found = graph_finder.Found([], [("", f"could not be analysed ({type(e).__name__}: "
+                                                 f"{e})")], set(), "error")
+        where = lambda n: f"{qual}.{n}" if qual and n else (n or qual)  # noqa: E731
+        for n, reason in found.skipped:
+            self.report.skipped.append((where(n), _qualname(module._modules[n]) if n else
+                                        _qualname(module), reason))
+        claimed = set()
+        for chain in found.chains:
+            mods = [module._modules[n] for n in chain.names]
+            why = self._why_not(mods, chain)
+            if why:
+                self.report.skipped.append((where(chain.conv), _qualname(mods[0] if chain.kind == graph_finder.POST else mods[-1]), why))
+                continue
+            self._swap_chain(module, chain, where)
+            claimed.update(chain.names)
+        return claimed, found.direct_calls
+
+    def _why_not(self, mods, chain) -> str:
+        for m in mods:
+            if self.uses[id(m)] > 1:
+                return f"{chain.kind} chain not fused: a {type(m).__name__} of it is shared with another part of the model"
+            if graph_finder._has_hooks(m):
+                return f"{chain.kind} chain not fused: a {type(m).__name__} of it has hooks, which a fused op would not call"
+        return ""
+
+    def _swap_chain(self, parent: nn.Module, chain, where):
+        self.found_any = True
+        conv, bn = parent._modules[chain.conv], parent._modules[chain.bn]
+        tail = []
+        if graph_finder.is_batchnorm_act(bn):  # keep its drop and act where they are
+            tail = [("drop", bn.drop), ("act", nn.Identity() if chain.act_inside else bn.act)]
+        bn_slot = slots.norm_slot(bn, tail)
+        members = [(parent, chain.bn, bn_slot, bn)]
+        if chain.act_name:
+            act = parent._modules[chain.act_name]
+            ident = nn.Identity()
+            ident.training = act.training
+            members.append((parent, chain.act_name, ident, act))
+        conv_slot = slots.conv_slot(conv, bn_slot, chain.activation,
+                                    chain.kind == graph_finder.PRE, self.backend, members)
+        members.insert(0, (parent, chain.conv, conv_slot, conv))
+        for p, n, new, _ in members:
+            self.plan.append((p, n, new))
+        self.report.chains.append(ChainRow(where(chain.conv), tuple(where(n) for n in chain.names),
+                                           chain.kind, str(chain.activation), chain.note))
+
+
+_UNKNOWN_BLOCK = ("unrecognised block class: not fused whole (only torchvision's and timm's "
+                  "ResNet blocks are); its chains are fused one by one, any residual add in its "
+                  "forward runs as it is")
 
 
 def _unfused(m: nn.Module) -> nn.Module:
@@ -263,11 +428,20 @@ def _unfused(m: nn.Module) -> nn.Module:
 
 
 def revert(model: nn.Module) -> ConvertReport:
-    """Replace, in place, every fused module of `model` by plain PyTorch modules."""
+    """Replace, in place, every fused module of `model` by plain PyTorch modules: fused chains
+    by their original modules, fused blocks by the original blocks."""
     report = ConvertReport()
     for parent, name, qual, child in list(_walk(model)):
+        if parent._modules.get(name) is not child:
+            continue  # already put back with its chain
         if isinstance(child, (FusedResidualBlock, FusedConvBNAct)):
             plain = _unfused(child)
             parent._modules[name] = plain
             report.swapped.append((qual, type(child).__name__, _qualname(plain)))
+        elif isinstance(child, slots.CONV_SLOT_TYPES):
+            prefix = qual[: -len(name)]
+            restored = slots.unswap(child)
+            kind = graph_finder.PRE if child.preact else graph_finder.POST
+            report.chains.append(ChainRow(qual, tuple(prefix + n for n in restored), kind,
+                                          str(child.activation), "reverted"))
     return report

@@ -15,6 +15,18 @@ Mirrored upstream versions:
   with the `timm.layers` helpers it uses reduced to plain torch: get_padding, make_divisible,
   DropPath, DropBlock2d, SEModule (+ create_attn), BlurPool2d (+ create_aa), AvgPool2dSame,
   Sigmoid, SelectAdaptivePool2d (+ create_classifier), get_act_layer / get_norm_layer.
+- Beyond ResNet (for the chain finder): torchvision `ops/misc.py` ConvNormActivation /
+  Conv2dNormActivation / SqueezeExcitation, `ops/stochastic_depth.py`, `models/vgg.py`
+  (make_layers, VGG), `models/densenet.py` (_DenseLayer with its memory-efficient checkpoint
+  path, _DenseBlock as a ModuleDict, _Transition, DenseNet), `models/mobilenetv2.py`,
+  `models/efficientnet.py` (MBConv, its config reduced to arguments), `models/regnet.py`
+  (BottleneckTransform, ResBottleneckBlock); timm `layers/norm_act.py` BatchNormAct2d (its
+  forward verbatim), `layers/conv_bn_act.py` ConvNormAct, `create_conv2d` for static padding
+  only, `models/regnet.py` Bottleneck (conv1..3 are ConvNormAct, no bn1), `models/resnetv2.py`
+  PreActBottleneck + DownsampleConv, `models/_efficientnet_blocks.py` SqueezeExcite,
+  DepthwiseSeparableConv, InvertedResidual (without s2d, aa and CondConv). DenseNet, MobileNetV2,
+  BatchNormAct2d, ConvNormAct and timm's regnet were read from the upstream sources; the others
+  follow upstream's structure from the same era, not line by line.
 """
 from __future__ import annotations
 
@@ -40,6 +52,13 @@ __all__ = [
     "TimmBasicBlock", "TimmBottleneck", "TimmResNet", "downsample_conv", "downsample_avg",
     "drop_blocks", "make_blocks",
     "timm_resnet18", "timm_resnet50", "timm_resnet50d", "timm_seresnet50", "timm_resnext50_32x4d",
+    # beyond ResNet
+    "ConvNormActivation", "Conv2dNormActivation", "SqueezeExcitation", "StochasticDepth",
+    "vgg_make_layers", "TvVGG", "TvDenseLayer", "TvDenseBlock", "TvTransition", "TvDenseNet",
+    "TvInvertedResidual", "TvMobileNetV2", "TvMBConv", "TvBottleneckTransform",
+    "TvResBottleneckBlock", "create_conv2d", "BatchNormAct2d", "ConvNormAct",
+    "TimmRegNetBottleneck", "TimmDownsampleConv", "TimmPreActBottleneck", "TimmSqueezeExcite",
+    "TimmDepthwiseSeparableConv", "TimmInvertedResidual",
 ]
 
 
@@ -1019,3 +1038,689 @@ def timm_seresnet50(num_classes: int = 1000, **kwargs: Any) -> TimmResNet:
 def timm_resnext50_32x4d(num_classes: int = 1000, **kwargs: Any) -> TimmResNet:
     return _create_timm_resnet(num_classes, dict(block=TimmBottleneck, layers=(3, 4, 6, 3),
                                                  cardinality=32, base_width=4), **kwargs)
+
+
+# ===================================================================== torchvision beyond ResNet
+# torchvision/ops/misc.py, models/{vgg,densenet,mobilenetv2,efficientnet,regnet}.py (0.13+),
+# reduced to the structure and forward the converter sees: class names and modules, attribute
+# names, registration order, what is Identity/None, and the forward op for op.
+
+@_as("torchvision.ops.misc", "ConvNormActivation")
+class ConvNormActivation(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1,
+                 padding=None, groups: int = 1, norm_layer=nn.BatchNorm2d,
+                 activation_layer=nn.ReLU, dilation=1, inplace: Optional[bool] = True,
+                 bias: Optional[bool] = None, conv_layer=nn.Conv2d) -> None:
+        if padding is None:
+            padding = (kernel_size - 1) // 2 * dilation
+        if bias is None:
+            bias = norm_layer is None
+        layers = [conv_layer(in_channels, out_channels, kernel_size, stride, padding,
+                             dilation=dilation, groups=groups, bias=bias)]
+        if norm_layer is not None:
+            layers.append(norm_layer(out_channels))
+        if activation_layer is not None:
+            params = {} if inplace is None else {"inplace": inplace}
+            layers.append(activation_layer(**params))
+        super().__init__(*layers)
+        self.out_channels = out_channels
+
+
+@_as("torchvision.ops.misc", "Conv2dNormActivation")
+class Conv2dNormActivation(ConvNormActivation):
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None,
+                 groups=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, dilation=1,
+                 inplace=True, bias=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups,
+                         norm_layer, activation_layer, dilation, inplace, bias, nn.Conv2d)
+
+
+@_as("torchvision.ops.misc", "SqueezeExcitation")
+class SqueezeExcitation(nn.Module):
+    def __init__(self, input_channels: int, squeeze_channels: int, activation=nn.ReLU,
+                 scale_activation=nn.Sigmoid) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.activation = activation()
+        self.scale_activation = scale_activation()
+
+    def _scale(self, input):
+        scale = self.avgpool(input)
+        scale = self.fc1(scale)
+        scale = self.activation(scale)
+        scale = self.fc2(scale)
+        return self.scale_activation(scale)
+
+    def forward(self, input):
+        scale = self._scale(input)
+        return scale * input
+
+
+def stochastic_depth(input, p: float, mode: str, training: bool = True):
+    if not training or p == 0.0:
+        return input
+    survival_rate = 1.0 - p
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(size, dtype=input.dtype, device=input.device).bernoulli_(survival_rate)
+    if survival_rate > 0.0:
+        noise.div_(survival_rate)
+    return input * noise
+
+
+@_as("torchvision.ops.stochastic_depth", "StochasticDepth")
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float, mode: str) -> None:
+        super().__init__()
+        self.p = p
+        self.mode = mode
+
+    def forward(self, input):
+        return stochastic_depth(input, self.p, self.mode, self.training)
+
+
+# -- VGG-BN (torchvision/models/vgg.py): features is a plain Sequential conv, bn, relu, ..., M
+def vgg_make_layers(cfg, batch_norm: bool = False) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    in_channels = 3
+    for v in cfg:
+        if v == "M":
+            layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
+        else:
+            conv2d = nn.Conv2d(in_channels, v, kernel_size=3, padding=1)  # bias=True, as upstream
+            if batch_norm:
+                layers += [conv2d, nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            else:
+                layers += [conv2d, nn.ReLU(inplace=True)]
+            in_channels = v
+    return nn.Sequential(*layers)
+
+
+@_as("torchvision.models.vgg", "VGG")
+class TvVGG(nn.Module):
+    def __init__(self, features: nn.Module, num_classes: int = 1000, hidden: int = 4096,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        c = [m for m in features if isinstance(m, nn.Conv2d)][-1].out_channels
+        self.classifier = nn.Sequential(
+            nn.Linear(c * 7 * 7, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
+            nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+# -- DenseNet (torchvision/models/densenet.py)
+@_as("torchvision.models.densenet", "_DenseLayer")
+class TvDenseLayer(nn.Module):
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int,
+                 drop_rate: float, memory_efficient: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1,
+                               stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1,
+                               padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    def bn_function(self, inputs: List[torch.Tensor]) -> torch.Tensor:
+        concated_features = torch.cat(inputs, 1)
+        return self.conv1(self.relu1(self.norm1(concated_features)))
+
+    def any_requires_grad(self, input: List[torch.Tensor]) -> bool:
+        for tensor in input:
+            if tensor.requires_grad:
+                return True
+        return False
+
+    def call_checkpoint_bottleneck(self, input: List[torch.Tensor]) -> torch.Tensor:
+        import torch.utils.checkpoint as cp
+
+        def closure(*inputs):
+            return self.bn_function(inputs)
+        return cp.checkpoint(closure, *input, use_reentrant=False)
+
+    def forward(self, input):
+        if isinstance(input, torch.Tensor):
+            prev_features = [input]
+        else:
+            prev_features = input
+        if self.memory_efficient and self.any_requires_grad(prev_features):
+            bottleneck_output = self.call_checkpoint_bottleneck(prev_features)
+        else:
+            bottleneck_output = self.bn_function(prev_features)
+        new_features = self.conv2(self.relu2(self.norm2(bottleneck_output)))
+        if self.drop_rate > 0:
+            new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
+        return new_features
+
+
+@_as("torchvision.models.densenet", "_DenseBlock")
+class TvDenseBlock(nn.ModuleDict):
+    _version = 2
+
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int,
+                 growth_rate: int, drop_rate: float, memory_efficient: bool = False) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            layer = TvDenseLayer(num_input_features + i * growth_rate, growth_rate=growth_rate,
+                                 bn_size=bn_size, drop_rate=drop_rate,
+                                 memory_efficient=memory_efficient)
+            self.add_module("denselayer%d" % (i + 1), layer)
+
+    def forward(self, init_features):
+        features = [init_features]
+        for name, layer in self.items():
+            new_features = layer(features)
+            features.append(new_features)
+        return torch.cat(features, 1)
+
+
+@_as("torchvision.models.densenet", "_Transition")
+class TvTransition(nn.Sequential):
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1,
+                              bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+@_as("torchvision.models.densenet", "DenseNet")
+class TvDenseNet(nn.Module):
+    def __init__(self, growth_rate: int = 32, block_config=(6, 12, 24, 16),
+                 num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0,
+                 num_classes: int = 1000, memory_efficient: bool = False) -> None:
+        super().__init__()
+        from collections import OrderedDict
+        self.features = nn.Sequential(OrderedDict([
+            ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+            ("norm0", nn.BatchNorm2d(num_init_features)),
+            ("relu0", nn.ReLU(inplace=True)),
+            ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+        ]))
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = TvDenseBlock(num_layers=num_layers, num_input_features=num_features,
+                                 bn_size=bn_size, growth_rate=growth_rate, drop_rate=drop_rate,
+                                 memory_efficient=memory_efficient)
+            self.features.add_module("denseblock%d" % (i + 1), block)
+            num_features = num_features + num_layers * growth_rate
+            if i != len(block_config) - 1:
+                trans = TvTransition(num_features, num_features // 2)
+                self.features.add_module("transition%d" % (i + 1), trans)
+                num_features = num_features // 2
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x):
+        features = self.features(x)
+        out = F.relu(features, inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        out = torch.flatten(out, 1)
+        return self.classifier(out)
+
+
+# -- MobileNetV2 (torchvision/models/mobilenetv2.py)
+def _make_divisible(v: float, divisor: int, min_value: Optional[int] = None) -> int:
+    if min_value is None:
+        min_value = divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+@_as("torchvision.models.mobilenetv2", "InvertedResidual")
+class TvInvertedResidual(nn.Module):
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, norm_layer=None) -> None:
+        super().__init__()
+        self.stride = stride
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        hidden_dim = int(round(inp * expand_ratio))
+        self.use_res_connect = self.stride == 1 and inp == oup
+        layers: List[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(Conv2dNormActivation(inp, hidden_dim, kernel_size=1,
+                                               norm_layer=norm_layer, activation_layer=nn.ReLU6))
+        layers.extend([
+            Conv2dNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim,
+                                 norm_layer=norm_layer, activation_layer=nn.ReLU6),
+            nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
+            norm_layer(oup),
+        ])
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = oup
+        self._is_cn = stride > 1
+
+    def forward(self, x):
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+@_as("torchvision.models.mobilenetv2", "MobileNetV2")
+class TvMobileNetV2(nn.Module):
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0,
+                 inverted_residual_setting=None, round_nearest: int = 8, block=None,
+                 norm_layer=None, dropout: float = 0.2) -> None:
+        super().__init__()
+        block = block or TvInvertedResidual
+        norm_layer = norm_layer or nn.BatchNorm2d
+        input_channel, last_channel = 32, 1280
+        if inverted_residual_setting is None:
+            inverted_residual_setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2],
+                                         [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
+                                         [6, 320, 1, 1]]
+        input_channel = _make_divisible(input_channel * width_mult, round_nearest)
+        self.last_channel = _make_divisible(last_channel * max(1.0, width_mult), round_nearest)
+        features: List[nn.Module] = [Conv2dNormActivation(3, input_channel, stride=2,
+                                                          norm_layer=norm_layer,
+                                                          activation_layer=nn.ReLU6)]
+        for t, c, n, s in inverted_residual_setting:
+            output_channel = _make_divisible(c * width_mult, round_nearest)
+            for i in range(n):
+                stride = s if i == 0 else 1
+                features.append(block(input_channel, output_channel, stride, expand_ratio=t,
+                                      norm_layer=norm_layer))
+                input_channel = output_channel
+        features.append(Conv2dNormActivation(input_channel, self.last_channel, kernel_size=1,
+                                             norm_layer=norm_layer, activation_layer=nn.ReLU6))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout),
+                                        nn.Linear(self.last_channel, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+# -- EfficientNet's MBConv (torchvision/models/efficientnet.py), config reduced to arguments
+@_as("torchvision.models.efficientnet", "MBConv")
+class TvMBConv(nn.Module):
+    def __init__(self, input_channels: int, out_channels: int, kernel: int, stride: int,
+                 expand_ratio: float, stochastic_depth_prob: float, norm_layer=nn.BatchNorm2d,
+                 se_layer=SqueezeExcitation) -> None:
+        super().__init__()
+        self.use_res_connect = stride == 1 and input_channels == out_channels
+        layers: List[nn.Module] = []
+        activation_layer = nn.SiLU
+        expanded_channels = _make_divisible(input_channels * expand_ratio, 8)
+        if expanded_channels != input_channels:
+            layers.append(Conv2dNormActivation(input_channels, expanded_channels, kernel_size=1,
+                                               norm_layer=norm_layer,
+                                               activation_layer=activation_layer))
+        layers.append(Conv2dNormActivation(expanded_channels, expanded_channels,
+                                           kernel_size=kernel, stride=stride,
+                                           groups=expanded_channels, norm_layer=norm_layer,
+                                           activation_layer=activation_layer))
+        squeeze_channels = max(1, input_channels // 4)
+        layers.append(se_layer(expanded_channels, squeeze_channels,
+                               activation=partial(nn.SiLU, inplace=True)))
+        layers.append(Conv2dNormActivation(expanded_channels, out_channels, kernel_size=1,
+                                           norm_layer=norm_layer, activation_layer=None))
+        self.block = nn.Sequential(*layers)
+        self.stochastic_depth = StochasticDepth(stochastic_depth_prob, "row")
+        self.out_channels = out_channels
+
+    def forward(self, input):
+        result = self.block(input)
+        if self.use_res_connect:
+            result = self.stochastic_depth(result)
+            result += input
+        return result
+
+
+# -- RegNet (torchvision/models/regnet.py)
+@_as("torchvision.models.regnet", "BottleneckTransform")
+class TvBottleneckTransform(nn.Sequential):
+    def __init__(self, width_in, width_out, stride, norm_layer, activation_layer, group_width,
+                 bottleneck_multiplier, se_ratio) -> None:
+        from collections import OrderedDict
+        layers: Dict[str, nn.Module] = OrderedDict()
+        w_b = int(round(width_out * bottleneck_multiplier))
+        g = w_b // group_width
+        layers["a"] = Conv2dNormActivation(width_in, w_b, kernel_size=1, stride=1,
+                                           norm_layer=norm_layer, activation_layer=activation_layer)
+        layers["b"] = Conv2dNormActivation(w_b, w_b, kernel_size=3, stride=stride, groups=g,
+                                           norm_layer=norm_layer, activation_layer=activation_layer)
+        if se_ratio:
+            width_se_out = int(round(se_ratio * width_in))
+            layers["se"] = SqueezeExcitation(input_channels=w_b, squeeze_channels=width_se_out,
+                                             activation=activation_layer)
+        layers["c"] = Conv2dNormActivation(w_b, width_out, kernel_size=1, stride=1,
+                                           norm_layer=norm_layer, activation_layer=None)
+        super().__init__(layers)
+
+
+@_as("torchvision.models.regnet", "ResBottleneckBlock")
+class TvResBottleneckBlock(nn.Module):
+    def __init__(self, width_in, width_out, stride, norm_layer=nn.BatchNorm2d,
+                 activation_layer=nn.ReLU, group_width: int = 1,
+                 bottleneck_multiplier: float = 1.0, se_ratio: Optional[float] = None) -> None:
+        super().__init__()
+        self.proj = None
+        if (width_in != width_out) or (stride != 1):
+            self.proj = Conv2dNormActivation(width_in, width_out, kernel_size=1, stride=stride,
+                                             norm_layer=norm_layer, activation_layer=None)
+        self.f = TvBottleneckTransform(width_in, width_out, stride, norm_layer, activation_layer,
+                                       group_width, bottleneck_multiplier, se_ratio)
+        self.activation = activation_layer(inplace=True)
+
+    def forward(self, x):
+        if self.proj is not None:
+            x = self.proj(x) + self.f(x)
+        else:
+            x = x + self.f(x)
+        return self.activation(x)
+
+
+# ============================================================================ timm beyond ResNet
+# timm/layers/{create_conv2d,padding,norm_act,conv_bn_act}.py, timm/models/{regnet,resnetv2,
+# _efficientnet_blocks}.py (1.0 era), reduced the same way.
+
+def create_conv2d(in_channels, out_channels, kernel_size, **kwargs):
+    """timm's create_conv2d for static ('' / symmetric) padding: an exact nn.Conv2d, bias off."""
+    depthwise = kwargs.pop("depthwise", False)
+    groups = in_channels if depthwise else kwargs.pop("groups", 1)
+    padding = kwargs.pop("padding", "")
+    kwargs.setdefault("bias", False)
+    stride, dilation = kwargs.get("stride", 1), kwargs.get("dilation", 1)
+    if padding != "":
+        raise NotImplementedError("mirrors: only timm's default static padding is mirrored")
+    return nn.Conv2d(in_channels, out_channels, kernel_size,
+                     padding=get_padding(kernel_size, stride, dilation), groups=groups, **kwargs)
+
+
+def _create_act(act_layer, act_kwargs=None, inplace=False, apply_act=True):
+    act_layer = get_act_layer(act_layer)
+    act_kwargs = act_kwargs or {}
+    if act_layer is not None and apply_act:
+        if inplace:
+            act_kwargs["inplace"] = inplace
+        return act_layer(**act_kwargs)
+    return nn.Identity()
+
+
+@_as("timm.layers.norm_act", "BatchNormAct2d")
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BatchNorm + drop + act, inheriting BatchNorm2d so weights keep the plain BN's keys."""
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, apply_act=True, act_layer=nn.ReLU, act_kwargs=None,
+                 inplace=True, drop_layer=None, device=None, dtype=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = _create_act(act_layer, act_kwargs=act_kwargs, inplace=inplace,
+                               apply_act=apply_act)
+
+    def forward(self, x):
+        assert x.ndim == 4, f"expected 4D input (got {x.ndim}D input)"
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, bn_training, exponential_average_factor, self.eps)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+def get_norm_act_layer(norm_layer, act_layer=None):
+    """timm.layers.create_norm_act, reduced: BatchNorm2d (or 'batchnorm') -> BatchNormAct2d."""
+    if norm_layer in (nn.BatchNorm2d, "batchnorm", "batchnorm2d", BatchNormAct2d):
+        return partial(BatchNormAct2d, act_layer=act_layer) if act_layer is not None else BatchNormAct2d
+    raise NotImplementedError(f"mirrors: norm-act layer {norm_layer} is not mirrored")
+
+
+@_as("timm.layers.conv_bn_act", "ConvNormAct")
+class ConvNormAct(nn.Module):
+    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, padding="",
+                 dilation=1, groups=1, bias=False, apply_act=True, norm_layer=nn.BatchNorm2d,
+                 act_layer=nn.ReLU, drop_layer=None):
+        super().__init__()
+        self.conv = create_conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                                  padding=padding, dilation=dilation, groups=groups, bias=bias)
+        norm_act_layer = get_norm_act_layer(norm_layer, act_layer)
+        norm_kwargs = dict(drop_layer=drop_layer) if drop_layer is not None else {}
+        self.bn = norm_act_layer(out_channels, apply_act=apply_act, **norm_kwargs)
+
+    @property
+    def in_channels(self):
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self):
+        return self.conv.out_channels
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.bn(x)
+        return x
+
+
+# -- timm/models/regnet.py: Bottleneck whose conv1..3 are ConvNormAct (no bn1: the old crash)
+def regnet_create_shortcut(downsample_type, in_chs, out_chs, kernel_size, stride,
+                           dilation=(1, 1), norm_layer=None):
+    if in_chs != out_chs or stride != 1 or dilation[0] != dilation[1]:
+        if not downsample_type:
+            return None
+        return ConvNormAct(in_chs, out_chs, kernel_size, stride=stride, dilation=dilation[0],
+                           norm_layer=norm_layer or nn.BatchNorm2d, apply_act=False)
+    return nn.Identity()
+
+
+@_as("timm.models.regnet", "Bottleneck")
+class TimmRegNetBottleneck(nn.Module):
+    def __init__(self, in_chs, out_chs, stride=1, dilation=(1, 1), bottle_ratio=1, group_size=1,
+                 se_ratio=0.25, downsample="conv1x1", linear_out=False, act_layer=nn.ReLU,
+                 norm_layer=nn.BatchNorm2d, drop_block=None, drop_path_rate=0.):
+        super().__init__()
+        act_layer = get_act_layer(act_layer)
+        bottleneck_chs = int(round(out_chs * bottle_ratio))
+        groups = bottleneck_chs // group_size
+        cargs = dict(act_layer=act_layer, norm_layer=norm_layer)
+        self.conv1 = ConvNormAct(in_chs, bottleneck_chs, kernel_size=1, **cargs)
+        self.conv2 = ConvNormAct(bottleneck_chs, bottleneck_chs, kernel_size=3, stride=stride,
+                                 dilation=dilation[0], groups=groups, drop_layer=drop_block,
+                                 **cargs)
+        if se_ratio:
+            se_channels = int(round(in_chs * se_ratio))
+            self.se = SEModule(bottleneck_chs, rd_channels=se_channels, act_layer=act_layer)
+        else:
+            self.se = nn.Identity()
+        self.conv3 = ConvNormAct(bottleneck_chs, out_chs, kernel_size=1, apply_act=False, **cargs)
+        self.act3 = nn.Identity() if linear_out else act_layer()
+        self.downsample = regnet_create_shortcut(downsample, in_chs, out_chs, 1, stride, dilation,
+                                                 norm_layer=norm_layer)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv1(x)
+        x = self.conv2(x)
+        x = self.se(x)
+        x = self.conv3(x)
+        if self.downsample is not None:
+            x = self.drop_path(x) + self.downsample(shortcut)
+        x = self.act3(x)
+        return x
+
+
+# -- timm/models/resnetv2.py: pre-activation bottleneck (resnetv2_50: create_conv2d, BatchNormAct2d)
+@_as("timm.models.resnetv2", "DownsampleConv")
+class TimmDownsampleConv(nn.Module):
+    def __init__(self, in_chs, out_chs, stride=1, dilation=1, first_dilation=None, preact=True,
+                 conv_layer=None, norm_layer=None):
+        super().__init__()
+        self.conv = conv_layer(in_chs, out_chs, 1, stride=stride)
+        self.norm = nn.Identity() if preact else norm_layer(out_chs, apply_act=False)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+@_as("timm.models.resnetv2", "PreActBottleneck")
+class TimmPreActBottleneck(nn.Module):
+    def __init__(self, in_chs, out_chs=None, bottle_ratio=0.25, stride=1, dilation=1,
+                 first_dilation=None, groups=1, act_layer=None, conv_layer=create_conv2d,
+                 norm_layer=BatchNormAct2d, proj_layer=None, drop_path_rate=0.):
+        super().__init__()
+        first_dilation = first_dilation or dilation
+        out_chs = out_chs or in_chs
+        mid_chs = make_divisible(out_chs * bottle_ratio)
+        if proj_layer is not None:
+            self.downsample = proj_layer(in_chs, out_chs, stride=stride, dilation=dilation,
+                                         first_dilation=first_dilation, preact=True,
+                                         conv_layer=conv_layer, norm_layer=norm_layer)
+        else:
+            self.downsample = None
+        self.norm1 = norm_layer(in_chs)
+        self.conv1 = conv_layer(in_chs, mid_chs, 1)
+        self.norm2 = norm_layer(mid_chs)
+        self.conv2 = conv_layer(mid_chs, mid_chs, 3, stride=stride, dilation=first_dilation,
+                                groups=groups)
+        self.norm3 = norm_layer(mid_chs)
+        self.conv3 = conv_layer(mid_chs, out_chs, 1)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x):
+        x_preact = self.norm1(x)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+        x = self.conv1(x_preact)
+        x = self.conv2(self.norm2(x))
+        x = self.conv3(self.norm3(x))
+        x = self.drop_path(x)
+        return x + shortcut
+
+
+# -- timm/models/_efficientnet_blocks.py
+@_as("timm.models._efficientnet_blocks", "SqueezeExcite")
+class TimmSqueezeExcite(nn.Module):
+    def __init__(self, in_chs, rd_ratio=0.25, rd_channels=None, act_layer=nn.ReLU,
+                 gate_layer=nn.Sigmoid, force_act_layer=None, rd_round_fn=None):
+        super().__init__()
+        if rd_channels is None:
+            rd_round_fn = rd_round_fn or round
+            rd_channels = rd_round_fn(in_chs * rd_ratio)
+        act_layer = force_act_layer or act_layer
+        self.conv_reduce = nn.Conv2d(in_chs, rd_channels, 1, bias=True)
+        self.act1 = create_act_layer(act_layer, inplace=True)
+        self.conv_expand = nn.Conv2d(rd_channels, in_chs, 1, bias=True)
+        self.gate = create_act_layer(gate_layer)
+
+    def forward(self, x):
+        x_se = x.mean((2, 3), keepdim=True)
+        x_se = self.conv_reduce(x_se)
+        x_se = self.act1(x_se)
+        x_se = self.conv_expand(x_se)
+        return x * self.gate(x_se)
+
+
+@_as("timm.models._efficientnet_blocks", "DepthwiseSeparableConv")
+class TimmDepthwiseSeparableConv(nn.Module):
+    def __init__(self, in_chs, out_chs, dw_kernel_size=3, stride=1, dilation=1, group_size=1,
+                 noskip=False, pw_kernel_size=1, pw_act=False, act_layer=nn.ReLU,
+                 norm_layer=nn.BatchNorm2d, se_layer=None, drop_path_rate=0.):
+        super().__init__()
+        norm_act_layer = get_norm_act_layer(norm_layer, act_layer)
+        self.has_skip = (stride == 1 and in_chs == out_chs) and not noskip
+        self.has_pw_act = pw_act
+        groups = in_chs if group_size == 1 else in_chs // group_size
+        self.conv_dw = create_conv2d(in_chs, in_chs, dw_kernel_size, stride=stride,
+                                     dilation=dilation, groups=groups)
+        self.bn1 = norm_act_layer(in_chs, inplace=True)
+        self.aa = nn.Identity()
+        self.se = se_layer(in_chs, act_layer=act_layer) if se_layer else nn.Identity()
+        self.conv_pw = create_conv2d(in_chs, out_chs, pw_kernel_size)
+        self.bn2 = norm_act_layer(out_chs, inplace=True, apply_act=self.has_pw_act)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate else nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_dw(x)
+        x = self.bn1(x)
+        x = self.aa(x)
+        x = self.se(x)
+        x = self.conv_pw(x)
+        x = self.bn2(x)
+        if self.has_skip:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+@_as("timm.models._efficientnet_blocks", "InvertedResidual")
+class TimmInvertedResidual(nn.Module):
+    def __init__(self, in_chs, out_chs, dw_kernel_size=3, stride=1, dilation=1, group_size=1,
+                 noskip=False, exp_ratio=1.0, exp_kernel_size=1, pw_kernel_size=1,
+                 act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d, se_layer=None,
+                 drop_path_rate=0.):
+        super().__init__()
+        norm_act_layer = get_norm_act_layer(norm_layer, act_layer)
+        self.has_skip = (in_chs == out_chs and stride == 1) and not noskip
+        mid_chs = make_divisible(in_chs * exp_ratio)
+        groups = mid_chs if group_size == 1 else mid_chs // group_size
+        self.conv_pw = create_conv2d(in_chs, mid_chs, exp_kernel_size)
+        self.bn1 = norm_act_layer(mid_chs, inplace=True)
+        self.conv_dw = create_conv2d(mid_chs, mid_chs, dw_kernel_size, stride=stride,
+                                     dilation=dilation, groups=groups)
+        self.bn2 = norm_act_layer(mid_chs, inplace=True)
+        self.aa = nn.Identity()
+        self.se = se_layer(mid_chs, act_layer=act_layer) if se_layer else nn.Identity()
+        self.conv_pwl = create_conv2d(mid_chs, out_chs, pw_kernel_size)
+        self.bn3 = norm_act_layer(out_chs, apply_act=False)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate else nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_pw(x)
+        x = self.bn1(x)
+        x = self.conv_dw(x)
+        x = self.bn2(x)
+        x = self.aa(x)
+        x = self.se(x)
+        x = self.conv_pwl(x)
+        x = self.bn3(x)
+        if self.has_skip:
+            x = self.drop_path(x) + shortcut
+        return x

@@ -168,7 +168,8 @@ def test_unrecognised_blocks_are_reported_not_touched():
     report = resfuse.convert(model)
     assert type(model[0]) is MyBlock and isinstance(model[1], resfuse.FusedBasicBlock)
     assert report.skipped[0][0] == "0" and "unrecognised block class" in report.skipped[0][2]
-    assert "1 block(s) swapped, 1 skipped" in str(report)
+    assert "1 block(s) swapped, 1 chain(s) fused, 1 skipped" in str(report)
+    assert report.chains[0].members == ("0.conv1", "0.bn1")  # tanh is a function call: not fused
 
 
 def test_blocks_with_unfusable_parts_are_skipped_with_a_reason():
