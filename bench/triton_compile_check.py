@@ -185,6 +185,9 @@ def _run_job(precision: str, dtname: str, part: str, arch: int, candidates: bool
                 TC.conv2d(x, w, None, *geo, prologue=TC.Prologue(sc, sh, TC.ACT_SILU, 0.0))
                 case(tag + "|fwd prologue(gelu_tanh)")
                 TC.conv2d(x, w, None, *geo, prologue=TC.Prologue(sc, sh, TC.ACT_GELU_TANH, 0.0))
+                case(tag + "|fwd prologue(hardswish) + residual + mish")
+                TC.conv2d(x, w, None, *geo, prologue=TC.Prologue(sc, sh, TC.ACT_HARDSWISH, 0.0),
+                          residual=E(N, Co, Ho, Wo, cl=cl), act=TC.ACT_MISH)
                 grad, z = E(N, Co, Ho, Wo, cl=cl), E(N, Co, Ho, Wo, cl=cl)
                 mask = torch.empty((grad.numel() + 31) // 32, dtype=torch.int32)
                 gp_mask = CB.GradPrologue(mask, BA.SAVE_MASK, z, E(Co, d=acc), E(3, Co, d=acc),
@@ -207,6 +210,11 @@ def _run_job(precision: str, dtname: str, part: str, arch: int, candidates: bool
                 case(tag + "|wgrad prologue(silu) + grad-prologue(recompute, gelu, 1 row)")
                 CB.conv2d_weight_grad(grad, x, w.shape, *geo, grad_prologue=gp_rec,
                                       prologue=TC.Prologue(sc, sh, TC.ACT_SILU, 0.0))
+                case(tag + "|wgrad prologue(relu6) + grad-prologue(recompute, mish, 3 rows)")
+                CB.conv2d_weight_grad(grad, x, w.shape, *geo, prologue=TC.Prologue(
+                    sc, sh, TC.ACT_RELU6, 0.0), grad_prologue=CB.GradPrologue(
+                    E(2, Co, d=acc), BA.SAVE_RECOMPUTE, z, E(Co, d=acc), E(3, Co, d=acc),
+                    TC.ACT_MISH, 0.0))
         return dict(records=records, cases=label["all"])
 
     N, C, H, W = 4, 64, 14, 14
@@ -219,7 +227,9 @@ def _run_job(precision: str, dtname: str, part: str, arch: int, candidates: bool
         for act, save, res, affine in [(0, 0, False, True), (1, 0, True, True), (1, 1, True, True),
                                        (2, 1, False, True), (3, 2, False, True),
                                        (4, 2, True, True), (5, 0, False, False),
-                                       (1, 4, False, True)]:
+                                       (1, 4, False, True), (6, 1, True, True),
+                                       (7, 2, False, True), (8, 1, False, True),
+                                       (9, 2, True, True)]:
             case(tag + f"|apply act={act} save={save} residual={res} affine={affine}")
             BA.apply(z, sc if affine else None, sh if affine else None,
                      E(N, C, H, W, cl=cl) if res else None, act, 0.01, save)
@@ -227,7 +237,8 @@ def _run_job(precision: str, dtname: str, part: str, arch: int, candidates: bool
         saved_for = {BA.SAVE_NONE: None, BA.SAVE_MASK: mask, BA.SAVE_INPUT: E(N, C, H, W, cl=cl),
                      BA.SAVE_OUTPUT: E(N, C, H, W, cl=cl), BA.SAVE_RECOMPUTE: E(2, C, d=acc)}
         for i, (save, act) in enumerate([(0, 0), (1, 1), (1, 2), (2, 3), (3, 5), (4, 1), (4, 3),
-                                         (4, 4), (4, 5), (4, 2)]):
+                                         (4, 4), (4, 5), (4, 2), (1, 6), (1, 8), (2, 7),
+                                         (3, 6), (4, 9), (2, 8)]):
             case(tag + f"|backward_reduce save={save} act={act} write_gu={i % 3 == 1}")
             BA.backward_reduce(gy, saved_for[save], save, z, mean, act, 0.01, i % 3 == 1)
             for rows in (3, 1):

@@ -25,7 +25,8 @@ def _call(a):
 
 
 BAD = {
-    "x-3d": (dict(x=torch.randn(4, 6, 6)), "x: expected a 4-D"),
+    "x-5d": (dict(x=torch.randn(2, 4, 6, 6, 1)), "x: expected a 4-D"),
+    "x-3d-weight-4d": (dict(x=torch.randn(2, 4, 6)), "weight: expected a 3-D"),  # a 1-D call
     "x-int": (dict(x=torch.ones(2, 4, 6, 6, dtype=torch.int64)), "x: expected a floating"),
     "x-not-tensor": (dict(x=[[1.0]]), "x: expected a Tensor"),
     "weight-dtype": (dict(weight=torch.randn(8, 4, 3, 3, dtype=torch.float64)), "weight: expected dtype"),
