@@ -134,7 +134,8 @@ def _looks_like_block(m: nn.Module) -> bool:
     name = type(m).__name__
     if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return False  # containers of blocks or layers (a DenseNet block, a RegNet transform)
-    if not any(k in name for k in ("Block", "Bottleneck", "Residual", "MBConv", "DenseLayer",
+    # (Not DenseNet's layers: no residual add, both chains fuse, nothing to report.)
+    if not any(k in name for k in ("Block", "Bottleneck", "Residual", "MBConv",
                                    "DepthwiseSeparable")):
         return False
     return hasattr(m, "conv1") or any(graph_finder.is_conv(c) for c in m.modules())
