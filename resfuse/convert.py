@@ -29,6 +29,7 @@ import torch.nn as nn
 from . import backend as dispatch, reference
 from .activations import as_activation
 from .backend.base import BackendUnavailable
+from .validation import check_memory
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock,
                       SyncBatchNorm)
 
@@ -148,8 +149,11 @@ def _block_parts(m: nn.Module, origin: str):
     return convs, bns, m.downsample, kinds.pop()
 
 
-def fuse_block(block: nn.Module, backend: Optional[str] = None) -> FusedResidualBlock:
-    """The fused equivalent of one block, sharing its modules; raises `NotFusable`."""
+def fuse_block(block: nn.Module, backend: Optional[str] = None,
+               memory: str = "default") -> FusedResidualBlock:
+    """The fused equivalent of one block, sharing its modules; raises `NotFusable`.
+    `memory`: the fused block's memory mode (`FusedResidualBlock`)."""
+    check_memory(memory)
     origin = _origin(block)
     if origin is None:
         raise NotFusable(f"unrecognised block class {_qualname(block)} (resfuse converts "
@@ -162,7 +166,7 @@ def fuse_block(block: nn.Module, backend: Optional[str] = None) -> FusedResidual
     pairs = [x for pair in zip(convs, bns) for x in pair]
     fused = cls.from_modules(*pairs, downsample=downsample, activation=act, backend=backend,
                              preact=getattr(block, "preact", False),
-                             expansion=getattr(block, "expansion", None))
+                             expansion=getattr(block, "expansion", None), memory=memory)
     fused.training = block.training  # not .train(): children keep their own modes
     object.__setattr__(fused, _ORIGINAL, block)
     return fused
@@ -182,13 +186,15 @@ def _walk(model: nn.Module):
 
 
 def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = False,
-            process_group=None) -> ConvertReport:
+            process_group=None, memory: str = "default") -> ConvertReport:
     """Swap, in place, every block of `model` that resfuse can fuse exactly; returns a report.
 
     `backend` forces the fused blocks' backend (default: chosen per call, see
     `resfuse.use_backend`). `sync_bn=True` synchronises every BatchNorm's statistics over
-    `process_group` (None: the whole world) in training, as nn.SyncBatchNorm.
+    `process_group` (None: the whole world) in training, as nn.SyncBatchNorm. `memory`
+    ("default" or "low") is the fused blocks' memory mode (see `FusedResidualBlock`).
     """
+    check_memory(memory)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if process_group is not None and not sync_bn:
@@ -206,7 +212,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
     for parent, name, new in norms:  # first, so that the fused blocks hold the new layers
         parent._modules[name] = new
     try:
-        plan = _block_plan(model, backend, report)
+        plan = _block_plan(model, backend, report, memory)
     except BaseException:
         for parent, name, old in previous:  # all-or-nothing
             parent._modules[name] = old
@@ -216,7 +222,8 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
     return report
 
 
-def _block_plan(model: nn.Module, backend: Optional[str], report: ConvertReport):
+def _block_plan(model: nn.Module, backend: Optional[str], report: ConvertReport,
+                memory: str = "default"):
     """[(parent, name, fused block)] for every block to swap (nothing changed yet)."""
     plan: List[Tuple[nn.Module, str, nn.Module]] = []
     done: Dict[int, nn.Module] = {}
@@ -233,7 +240,7 @@ def _block_plan(model: nn.Module, backend: Optional[str], report: ConvertReport)
         skip_below.add(id(child))  # never fuse inside a block
         if id(child) not in done:  # a block shared by two parents is fused once
             try:
-                done[id(child)] = fuse_block(child, backend)
+                done[id(child)] = fuse_block(child, backend, memory)
             except NotFusable as e:
                 report.skipped.append((qual, _qualname(child), str(e)))
                 continue
