@@ -307,3 +307,30 @@ def test_memory_attribute_and_repr():
     m = resfuse.FusedBasicBlock(8, 8, memory="low")
     assert m.memory == "low" and "memory=low" in repr(m)
     assert resfuse.FusedBottleneck(16, 4).memory == "default"
+
+
+@pytest.mark.parametrize("backend", ["eager", "pieces"])
+def test_conv_fwd_op_fake_agrees(backend):
+    """The recompute op's fake output (shape, strides) is the real one's, for torch.compile."""
+    from torch.library import opcheck
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    w = torch.randn(4, 3, 3, 3, dtype=D).contiguous(memory_format=torch.channels_last)
+    for stats in (False, True):
+        opcheck(torch.ops.resfuse.conv_fwd.default, (x, w, None, [1, 1], [1, 1], [1, 1], 1,
+                                                     backend, stats),
+                test_utils=("test_schema", "test_faketensor"))
+
+
+def test_low_block_compiles_whole():
+    """torch.compile(fullgraph=True) keeps a low-memory block's chain whole (one graph) and
+    gives the module chain's step."""
+    import torch._dynamo.testing
+    plain, fused = _blocks("bottleneck-s2-proj", "pieces", "low")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend=counter, fullgraph=True)
+    x = _input("bottleneck-s2-proj")
+    g = torch.randn(2, 16, 3, 3, dtype=D)
+    for a, b in zip(_step(compiled, x, g), _step(plain, x, g)):
+        assert_exactish(a, b, 1e-10 * max(1.0, b.abs().max().item()))
+    assert counter.frame_count == 1
