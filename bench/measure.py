@@ -100,7 +100,9 @@ def saved_for_backward(fn: Callable[[], object], exclude=()) -> int:
     hooks see too (a compiled graph may save copies of the weights in another layout: they
     are counted, being memory the graph holds)."""
     import gc
-    params = [o for o in gc.get_objects() if isinstance(o, torch.nn.Parameter)]
+    # (issubclass of the type: isinstance would run Parameter's instance check on every
+    # object, which touches deprecated torch.distributed attributes and warns.)
+    params = [o for o in gc.get_objects() if issubclass(type(o), torch.nn.Parameter)]
     skip = {t.untyped_storage().data_ptr() for t in [*params, *exclude]
             if isinstance(t, torch.Tensor)}
     seen: Dict[int, int] = {}
