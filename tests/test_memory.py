@@ -334,3 +334,47 @@ def test_low_block_compiles_whole():
     for a, b in zip(_step(compiled, x, g), _step(plain, x, g)):
         assert_exactish(a, b, 1e-10 * max(1.0, b.abs().max().item()))
     assert counter.frame_count == 1
+
+
+# ------------------------------------------------------------------------------ bench's count
+
+def _bench():
+    import os
+    import sys
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if path not in sys.path:
+        sys.path.append(path)  # after tests/: tests/harness.py is another module
+    import measure
+    import memory
+    return measure, memory
+
+
+def test_bench_saved_bytes_count_each_storage_once_without_parameters():
+    measure, _ = _bench()
+    lin = nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def fwd():
+        h = lin(x)          # saves x (and lin.weight: a parameter, left out)
+        return h * h        # saves h twice: once
+    assert measure.saved_for_backward(fwd) == x.numel() * 4 + 4 * 8 * 4
+    y = torch.randn(4, 8, requires_grad=True)  # x * y saves both: y is left out
+    assert measure.saved_for_backward(lambda: x * y, exclude=[y]) == x.numel() * 4
+
+
+def test_bench_budget_search_doubles_then_bisects_measured_points(monkeypatch):
+    _, memory = _bench()
+    per_image, fixed = 1000, 500
+    calls = []
+
+    def fake_memory_at(m, batch, s):
+        calls.append(batch)
+        return fixed + per_image * batch
+    monkeypatch.setattr(memory, "memory_at", fake_memory_at)
+    m = nn.Linear(1, 1)
+    from types import SimpleNamespace
+    found = memory.largest_batch(m, fixed + per_image * 37,
+                                 SimpleNamespace(device=torch.device("cpu")))
+    assert found["batch"] == 37 and not found["capped"]
+    assert calls[:6] == [2, 4, 8, 16, 32, 64]  # doubling, then bisection between 32 and 64
+    assert [b for b, _ in found["points"]] == calls and 37 in calls and 38 in calls
