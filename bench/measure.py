@@ -88,6 +88,41 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def saved_for_backward(fn: Callable[[], object], exclude=()) -> int:
+    """Bytes of the tensors autograd saves for backward during one call of `fn` (a training
+    forward, or a step whose backward runs inside it), on any device: every tensor a
+    `saved_tensors_hooks` pack hook sees, each storage once (by its data pointer: a tensor
+    saved twice, or a view of another saved one, counts once), without parameters (the
+    storage of every live `nn.Parameter` — a saved `weight.t()` is a view of one — and of
+    the tensors in `exclude`). The count is of what the graph holds
+    at the end of the forward: storages are alive then, so their pointers are distinct.
+    torch.compile's graphs save through AOT autograd's own autograd.Function, whose saves the
+    hooks see too (a compiled graph may save copies of the weights in another layout: they
+    are counted, being memory the graph holds)."""
+    import gc
+    # (issubclass of the type: isinstance would run Parameter's instance check on every
+    # object, which touches deprecated torch.distributed attributes and warns.)
+    params = [o for o in gc.get_objects() if issubclass(type(o), torch.nn.Parameter)]
+    skip = {t.untyped_storage().data_ptr() for t in [*params, *exclude]
+            if isinstance(t, torch.Tensor)}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.nn.Parameter):
+            return t
+        if t.layout != torch.strided:  # (e.g. a oneDNN tensor of a compiled CPU graph)
+            seen[id(t)] = t.numel() * t.element_size()
+            return t
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in skip and st.nbytes():
+            seen[ptr] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def cache_bytes(device: torch.device) -> int:
     """The last-level cache the rotation must defeat: the GPU's L2, or the CPU's largest
     cache (32 MiB when it cannot be read)."""

@@ -4,7 +4,8 @@
   against eager and against torch.compile from the same run;
 - `<stem>-roofline.png`: every timed row with convolutions as achieved TFLOP/s against
   arithmetic intensity (FLOPs per byte of the fused schedule, bench/counts.py) under the
-  measured ceilings; the scale-bias-add-act rows as GB/s against the measured copy bandwidth.
+  measured ceilings; the scale-bias-add-act rows as GB/s against the measured copy bandwidth;
+- `<stem>-memory.png`: every training row's bytes saved for backward against eager's.
 """
 from __future__ import annotations
 
@@ -143,6 +144,36 @@ def roofline_plot(result: dict, path: str, plt) -> Optional[str]:
     return path
 
 
+def memory_plot(result: dict, path: str, plt) -> Optional[str]:
+    """Per training row with a saved-bytes count: each contestant's bytes saved for backward
+    as a fraction of eager's in the same case (bench/measure.py `saved_for_backward`)."""
+    rows = [r for r in result["rows"] if r.get("mem_saved_vs_eager") is not None
+            and r.get("contestant") != "eager"]
+    if not rows:
+        return None
+    cases = list(dict.fromkeys(f"{r['case']} · {r['mode']}" for r in rows))
+    names = list(dict.fromkeys(r["contestant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.35 * len(cases) * max(1, len(names)) / 2)))
+    height = 0.8 / len(names)
+    for j, name in enumerate(names):
+        ys, xs = [], []
+        for r in rows:
+            if r["contestant"] == name:
+                ys.append(cases.index(f"{r['case']} · {r['mode']}") + j * height)
+                xs.append(r["mem_saved_vs_eager"])
+        ax.barh(ys, xs, height=height, label=name)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
+    ax.set_yticklabels(cases, fontsize=7)
+    ax.set_xlabel("bytes saved for backward / eager's (same case)")
+    ax.set_title(_title(result), fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_plots(result: dict, out_dir: str, stem: Optional[str] = None) -> Optional[List[str]]:
     """The plots' paths (`<stem>-speedup.png`, `<stem>-roofline.png` in `out_dir`; the stem of
     the result's own file names by default), or None when matplotlib is not installed."""
@@ -152,5 +183,6 @@ def make_plots(result: dict, out_dir: str, stem: Optional[str] = None) -> Option
     from measure import result_stem
     stem = os.path.join(out_dir, stem or result_stem(result))
     made = [speedup_plot(result, stem + "-speedup.png", plt),
-            roofline_plot(result, stem + "-roofline.png", plt)]
+            roofline_plot(result, stem + "-roofline.png", plt),
+            memory_plot(result, stem + "-memory.png", plt)]
     return [p for p in made if p]

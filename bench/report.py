@@ -175,6 +175,32 @@ def _case_table(run: dict, suite: str, contestants: list, multi: bool) -> list:
     return out
 
 
+def _memory_table(run: dict) -> list:
+    """The memory suite (bench/memory.py): bytes saved for backward per contestant, and the
+    largest batch under the run's budget."""
+    steps = [r for r in run["rows"] if r.get("suite") == "memory" and r.get("mode") == "train_step"]
+    budget = [r for r in run["rows"] if r.get("suite") == "memory" and r.get("mode") == "budget"]
+    if not steps and not budget:
+        return []
+    out = ["| model | contestant | saved for backward | vs eager | peak | step ms | step vs "
+           "eager | largest batch in budget |", "| --- | --- |" + " ---: |" * 6]
+    found = {(r["case"].split(" ")[0], r["contestant"]): r for r in budget}
+    for r in steps:
+        if r.get("error"):
+            out.append(f"| {r['case']} | error: {r['error'][:80]} | | | | | | |")
+            continue
+        b = found.get((r["case"], r["contestant"])) or {}
+        cells = [r["case"], r["contestant"],
+                 "" if r.get("mem_saved_bytes") is None else f"{r['mem_saved_bytes'] / 2**20:.1f} MiB",
+                 "" if r.get("mem_saved_vs_eager") is None else f"{r['mem_saved_vs_eager']:.2f}",
+                 "" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**30:.2f} GiB",
+                 _ms(r.get("median_ms")), _x(r.get("speedup_vs_eager")),
+                 "" if b.get("mem_budget_batch") is None else
+                 f"{b['mem_budget_batch']} (×{b.get('mem_budget_batch_vs_eager') or 0:.2f})"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def render_suite(run: dict) -> list:
     e, s, c = run["env"], run["settings"], run["ceilings"]
     stem = os.path.splitext(run["_file"])[0]
@@ -226,6 +252,7 @@ def render_suite(run: dict) -> list:
                       "" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    out += _memory_table(run)
     for suite, title in (("blocks", "Blocks (ResNet-18 and ResNet-50 block shapes)"),
                          ("ops", "Ops (conv-bn-act on ResNet-50's conv shapes; scale-bias-add-act)")):
         if any(r.get("suite") == suite for r in run["rows"]):
@@ -233,7 +260,7 @@ def render_suite(run: dict) -> list:
             out += [f"<details><summary>{title}: speed-up of each contestant against eager</summary>", ""]
             out += _case_table(run, suite, cs, multi)
             out += ["", "</details>", ""]
-    for kind in ("speedup", "roofline"):
+    for kind in ("speedup", "roofline", "memory"):
         png = f"{stem}-{kind}.png"
         if os.path.exists(os.path.join(ROOT, png)):
             out += [f"![{kind}]({png})", ""]

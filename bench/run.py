@@ -93,6 +93,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="folder for the JSON, CSV and plots")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="on a GPU: leave torch.backends.cudnn.benchmark off (default: on)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                   help="--suite memory: also find each contestant's largest batch whose "
+                        "measured memory fits GB (1e9 bytes); see bench/memory.py")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -191,6 +194,11 @@ def run_case(case: suites.Case, s: suites.Settings, env: dict) -> list:
             # A graph replay allocates nothing (its pool is reserved at capture): no peak.
             peaks = {n: None if n.endswith("+cuda-graph") else measure.peak_memory(fn, s.device)
                      for n, fn in built.fns.items()}
+            # Bytes saved for backward, every training row with a forward (a graph replay and
+            # backward alone save nothing new).
+            saved = {n: measure.saved_for_backward(fn, built.params or ())
+                     if case.mode in ("train_fwd", "train_step") and not n.endswith("+cuda-graph")
+                     else None for n, fn in built.fns.items()}
             if s.device.type == "cuda":
                 torch.cuda.synchronize(s.device)  # an asynchronous error is this case's
     except Exception as e:  # noqa: BLE001 - one failing case must not end a long run
@@ -216,7 +224,8 @@ def run_case(case: suites.Case, s: suites.Settings, env: dict) -> list:
         st = measure.summarize(ms)
         rows.append(dict(base, contestant=name, backend=suites.resfuse_backend(name), **st,
                          img_per_s=case.images / (st["median_ms"] * 1e-3),
-                         peak_bytes=peaks[name], **checks.get(name, {}),
+                         peak_bytes=peaks[name], mem_saved_bytes=saved[name],
+                         **checks.get(name, {}),
                          **({"model_source": source} if source else {})))
     return rows
 
@@ -234,18 +243,29 @@ def finish_rows(rows: list, ceil: dict):
                 continue
             r["speedup_vs_eager"] = ref[EAGER] / r["median_ms"] if EAGER in ref else None
             r["speedup_vs_compile"] = ref[COMPILE] / r["median_ms"] if COMPILE in ref else None
+            saved_eager = next((q.get("mem_saved_bytes") for q in group
+                                if q["contestant"] == EAGER), None)
+            r["mem_saved_vs_eager"] = (r["mem_saved_bytes"] / saved_eager
+                                       if r.get("mem_saved_bytes") is not None and saved_eager
+                                       else None)
             if r.get("bytes") is not None and r.get("flops") is not None:
                 r.update(measure.roofline(r["bytes"], r["flops"], r["median_ms"], ceil, r["dtype"]))
 
 
 def print_table(rows: list, out=sys.stdout):
     cols = ("case", "mode", "contestant", "median ms", "p20-p80", "vs eager", "vs compile",
-            "GB/s", "TFLOP/s", "of roof", "peak MiB", "rel err")
+            "GB/s", "TFLOP/s", "of roof", "peak MiB", "saved MiB", "saved/eager", "rel err")
     lines = []
     for r in rows:
         if r.get("error"):
             lines.append((r["case"][:58], r["mode"], "ERROR", r["error"][:60], "", "", "", "", "",
-                          "", "", ""))
+                          "", "", "", "", ""))
+            continue
+        if r.get("mode") == "budget":  # bench/memory.py: a batch found, not a time
+            lines.append((r["case"][:58], r["mode"], r["contestant"],
+                          f"batch {r['mem_budget_batch']}", "", "", "", "", "", "", "", "",
+                          "" if r.get("mem_budget_batch_vs_eager") is None else
+                          f"x{r['mem_budget_batch_vs_eager']:.2f} eager's", ""))
             continue
         f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
         lines.append((r["case"][:58], r["mode"], r["contestant"], f(r["median_ms"], ".3f"),
@@ -253,6 +273,8 @@ def print_table(rows: list, out=sys.stdout):
                       f(r.get("speedup_vs_compile"), ".2f"), f(r.get("gbs"), ".0f"),
                       f(r.get("tflops"), ".1f"), f(r.get("frac_of_roofline"), ".0%"),
                       f(None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20, ".0f"),
+                      f(None if r.get("mem_saved_bytes") is None else r["mem_saved_bytes"] / 2**20,
+                        ".1f"), f(r.get("mem_saved_vs_eager"), ".2f"),
                       ("" if r.get("rel_err") is None else
                        f"{r['rel_err']:.1e}" + (" !" if r.get("parity_ok") is False else ""))))
     widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
@@ -269,7 +291,9 @@ def print_table(rows: list, out=sys.stdout):
 CSV_FIELDS = ("suite", "case", "mode", "contestant", "backend", "dtype", "layout", "batch",
               "image", "shapes", "median_ms", "p20_ms", "p80_ms", "repeats", "img_per_s",
               "speedup_vs_eager", "speedup_vs_compile", "bytes", "bytes_eager", "flops", "gbs",
-              "tflops", "bound", "floor_ms", "frac_of_roofline", "peak_bytes", "rel_err",
+              "tflops", "bound", "floor_ms", "frac_of_roofline", "peak_bytes", "mem_saved_bytes",
+              "mem_saved_vs_eager", "mem_budget_bytes", "mem_budget_batch",
+              "mem_budget_batch_vs_eager", "rel_err",
               "rel_err_fp64", "judged_rel_err", "parity_ok", "error") + TAGS
 
 
@@ -327,6 +351,7 @@ def main(argv=None) -> int:
                     layouts=a.layouts, batches=a.batches, image=a.image, contestants=names,
                     skipped_contestants=skipped, compile=a.compile, repeats=a.repeats,
                     warmup=a.warmup, only=a.only, cudnn_benchmark=torch.backends.cudnn.benchmark,
+                    memory_budget_gb=a.memory_budget,
                     parity_floor={str(k)[6:]: v for k, v in suites.FLOOR.items()},
                     model_parity_limit={str(k)[6:]: v for k, v in suites.MODEL_LIMIT.items()},
                     cases=len(plan), complete=False, stopped=None, seconds=None)
@@ -345,6 +370,14 @@ def main(argv=None) -> int:
             finish_rows(rows, ceil)
             settings["seconds"] = round(time.monotonic() - t0, 1)
             write_results(result, a.out)  # after every case: a killed run keeps its rows
+        if a.memory_budget is not None and a.suite == "memory":
+            import memory
+            for s in {(g.dtype, g.layout): g for g in grid}.values():  # (not per batch)
+                progress.step(f"memory · largest batch in {a.memory_budget:g} GB · {s.dtype_name}")
+                rows += memory.budget_rows(a.memory_budget, s, env, tags=TAGS,
+                                           models=[m for m in suites.MODELS
+                                                   if a.only is None or a.only in m])
+                write_results(result, a.out)
         settings["complete"] = True
     except (KeyboardInterrupt, DeviceBroken) as e:
         rows += getattr(e, "rows", [])

@@ -40,7 +40,7 @@ from resfuse import reference
 import counts
 from counts import BlockShape, Chain, Conv
 
-SUITES = ("quick", "ops", "blocks", "models", "all")
+SUITES = ("quick", "ops", "blocks", "models", "all", "memory")
 EAGER, COMPILE, AUTOTUNE = "eager", "torch.compile", "torch.compile(max-autotune)"
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "densenet121")
 # Models: the largest norm-wise relative error against eager in the same dtype of the logits
@@ -79,6 +79,9 @@ class Built:
     fns: Dict[str, Callable[[], object]]
     checks: Dict[str, dict]  # per contestant: rel_err, rel_err_fp64, parity_ok (see judge)
     source: Optional[str] = None  # models: where the model definition came from
+    # Tensors that are parameters of the case though not nn.Parameters (the op cases'
+    # weights): left out of the bytes saved for backward (measure.saved_for_backward).
+    params: Optional[list] = None
 
 
 @dataclasses.dataclass
@@ -327,7 +330,7 @@ def _op_built(s: Settings, mode: str, impl, eager, params, xs, rs, gys, rm0, rv0
         f = impl(name)
         results[name] = check(f, xs[0], rs[0], gys[0], rm0.clone(), rv0.clone(), params)
         fns[name] = make(f)
-    return Built(fns, judge(results, oracle, s.dtype))
+    return Built(fns, judge(results, oracle, s.dtype), params=list(params))
 
 
 def ops_cases(s: Settings, quick: bool = False) -> List[Case]:
@@ -646,6 +649,9 @@ def cases(suite: str, s: Settings) -> List[Case]:
         out += blocks_cases(s, quick)
     if suite in ("quick", "models", "all"):
         out += models_cases(s, quick)
+    if suite == "memory":
+        import memory
+        out += memory.memory_cases(s)
     for c in out:
         if c.chain is not None:
             c.flops = c.chain.flops(c.mode)

@@ -44,6 +44,7 @@ import torch.nn as nn
 from . import backend as dispatch, chains as slots, graph_finder, reference
 from .activations import as_activation
 from .backend.base import BackendUnavailable
+from .validation import check_memory
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock,
                       SyncBatchNorm)
 
@@ -211,8 +212,11 @@ def _block_parts(m: nn.Module, origin: str):
     return convs, bns, m.downsample, kinds.pop()
 
 
-def fuse_block(block: nn.Module, backend: Optional[str] = None) -> FusedResidualBlock:
-    """The fused equivalent of one block, sharing its modules; raises `NotFusable`."""
+def fuse_block(block: nn.Module, backend: Optional[str] = None,
+               memory: str = "default") -> FusedResidualBlock:
+    """The fused equivalent of one block, sharing its modules; raises `NotFusable`.
+    `memory`: the fused block's memory mode (`FusedResidualBlock`)."""
+    check_memory(memory)
     origin = _origin(block)
     if origin is None:
         raise NotFusable(f"unrecognised block class {_qualname(block)} (resfuse converts "
@@ -225,7 +229,7 @@ def fuse_block(block: nn.Module, backend: Optional[str] = None) -> FusedResidual
     pairs = [x for pair in zip(convs, bns) for x in pair]
     fused = cls.from_modules(*pairs, downsample=downsample, activation=act, backend=backend,
                              preact=getattr(block, "preact", False),
-                             expansion=getattr(block, "expansion", None))
+                             expansion=getattr(block, "expansion", None), memory=memory)
     fused.training = block.training  # not .train(): children keep their own modes
     object.__setattr__(fused, _ORIGINAL, block)
     return fused
@@ -245,15 +249,18 @@ def _walk(model: nn.Module):
 
 
 def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = False,
-            process_group=None, *, chains: bool = True) -> ConvertReport:
+            process_group=None, *, chains: bool = True,
+            memory: str = "default") -> ConvertReport:
     """Fuse, in place, every block and chain of `model` that resfuse can fuse exactly; returns
     a report of what was fused and of what was left, with why.
 
     `backend` forces the fused modules' backend (default: chosen per call, see
     `resfuse.use_backend`). `sync_bn=True` synchronises every BatchNorm's statistics over
     `process_group` (None: the whole world) in training, as nn.SyncBatchNorm. `chains=False`
-    swaps whole blocks only (as resfuse did before chains).
+    swaps whole blocks only (as resfuse did before chains). `memory` ("default" or "low") is
+    the fused blocks' memory mode (see `FusedResidualBlock`).
     """
+    check_memory(memory)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if process_group is not None and not sync_bn:
@@ -271,7 +278,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
     for parent, name, new in norms:  # first, so that the fused modules hold the new layers
         parent._modules[name] = new
     try:
-        plan = _block_plan(model, backend, report, chains)
+        plan = _block_plan(model, backend, report, chains, memory)
     except BaseException:
         for parent, name, old in previous:  # all-or-nothing
             parent._modules[name] = old
@@ -282,9 +289,9 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
 
 
 def _block_plan(model: nn.Module, backend: Optional[str], report: ConvertReport,
-                chains: bool = True):
+                chains: bool = True, memory: str = "default"):
     """[(parent, name, new module)] for every block and chain slot to swap (nothing changed)."""
-    return _Planner(model, backend, report, chains).run()
+    return _Planner(model, backend, report, chains, memory).run()
 
 
 _FUSED = (FusedResidualBlock, FusedConvBNAct) + slots.CONV_SLOT_TYPES + slots.NORM_SLOT_TYPES
@@ -294,8 +301,9 @@ class _Planner:
     """Walks the model once, in its order, and plans every swap (nothing changes here)."""
 
     def __init__(self, model: nn.Module, backend: Optional[str], report: ConvertReport,
-                 chains: bool):
+                 chains: bool, memory: str = "default"):
         self.model, self.backend, self.report, self.chains = model, backend, report, chains
+        self.memory = memory
         self.plan: List[Tuple[nn.Module, str, nn.Module]] = []
         self.fused_blocks: Dict[int, nn.Module] = {}
         # A module registered in two places cannot have its slot swapped in one of them only.
@@ -337,7 +345,7 @@ class _Planner:
     def _block(self, parent, name, qual, child) -> bool:
         if id(child) not in self.fused_blocks:  # a block shared by two parents is fused once
             try:
-                self.fused_blocks[id(child)] = fuse_block(child, self.backend)
+                self.fused_blocks[id(child)] = fuse_block(child, self.backend, self.memory)
             except NotFusable as e:
                 self.report.skipped.append((qual, _qualname(child), str(e)
                                             + ("; its chains are fused one by one" if self.chains else "")))

@@ -33,10 +33,11 @@ from . import backend as dispatch, one_d, reference
 from .activations import ActivationLike, as_activation
 from .backend.base import Case
 from .backend.base import BackendUnavailable, acc_dtype, memory_format_of
-from .ops import BNActConvFunction, ConvBNActFunction, ConvStatsFunction, OpConfig
+from .ops import (BNActConvBNActFunction, BNActConvFunction, ConvBNActFunction,
+                  ConvStatsFunction, OpConfig)
 from .sync_ops import SyncBNActConvFunction, SyncConvBNActFunction
 from .validation import (ConvParams, ResfuseInputError, check_batch_stats, check_bn, check_conv,
-                         check_input, check_residual, conv_params)
+                         check_input, check_memory, check_residual, conv_params)
 
 Tensor = torch.Tensor
 _NO_CONV = ConvParams()
@@ -108,8 +109,8 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
                 activation: ActivationLike = "relu", negative_slope: Optional[float] = None,
                 residual: Optional[Tensor] = None, stride=1, padding: Union[int, tuple, str] = 0,
                 dilation=1, groups: int = 1, backend: Optional[str] = None,
-                process_group=None, batch_stats: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tensor:
+                process_group=None, batch_stats: Optional[Tuple[Tensor, Tensor]] = None,
+                memory: str = "default") -> Tensor:
     """act(bn(conv(x, weight, bias)) + residual). `weight=None`: no conv (see `bn_act`).
 
     `padding` may be an int, a pair, "same" or "valid" (as `F.conv2d`); `activation` a name
@@ -120,11 +121,16 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
     `batch_stats` (mean, biased variance) of BN's input, when already computed (`conv_stats`,
     `bn_act_conv(return_stats=True)`): trusted, used instead of another pass over it when BN
     uses batch statistics (gradients still flow through them to the BN input).
-
     1-D (Conv1d / BatchNorm1d): x (N, C, L), weight (C_out, C_in/groups, K), stride /
     padding / dilation an int or a 1-tuple (or "same" / "valid"), residual (N, C_out, L_out);
     the output is (N, C_out, L_out).
+
+    `memory="low"`: the conv's output is not kept for backward, which recomputes it from x
+    with the same kernel (kept: x, the statistics, what the activation's backward reads), on
+    every backend (the eager one then runs its autograd Function instead of torch's chain).
+    Synchronised BN (`process_group`) keeps the default.
     """
+    check_memory(memory)
     if _is_1d(x):
         x, weight, residual, g = one_d.to_2d(x, weight, residual, stride, padding, dilation,
                                              groups)
@@ -133,7 +139,8 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
             activation=activation, negative_slope=negative_slope, residual=residual,
             stride=g.stride, padding=g.padding, dilation=g.dilation, groups=groups,
-            backend=backend, process_group=process_group, batch_stats=batch_stats))
+            backend=backend, process_group=process_group, batch_stats=batch_stats,
+            memory=memory))
     check_input(x)
     amp = _autocast_dtype(x)
     if amp is not None:  # the chain's dtypes, then the op with autocast off
@@ -146,7 +153,8 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
                 num_batches_tracked=num_batches_tracked, activation=activation,
                 negative_slope=negative_slope, residual=_same_dtype(residual, x.dtype),
                 stride=stride, padding=padding, dilation=dilation, groups=groups,
-                backend=backend, process_group=process_group, batch_stats=batch_stats)
+                backend=backend, process_group=process_group, batch_stats=batch_stats,
+                memory=memory)
     if weight is None:
         cp, out_shape = _NO_CONV, tuple(x.shape)
         if bias is not None:
@@ -175,12 +183,12 @@ def conv_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = No
     x = _pre_pad(x, cp)
     c = OpConfig(cp.stride, cp.padding, cp.dilation, cp.groups, bool(training),
                  None if momentum is None else float(momentum), float(eps), act.kind,
-                 act.negative_slope, be.name)
+                 act.negative_slope, be.name, memory)
     if group is not None:
         return SyncConvBNActFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean,
                                            running_var, num_batches_tracked, residual, c, group)
     if _needs_grad(x, weight, bias, bn_weight, bn_bias, residual):
-        if be.autograd_chain:
+        if be.autograd_chain and memory == "default":
             return be.conv_bn_act_chain(x, weight, bias, bn_weight, bn_bias, running_mean,
                                         running_var, num_batches_tracked, residual, cp,
                                         c.training, c.momentum, c.eps, act)
@@ -205,14 +213,17 @@ def bn_act(x: Tensor, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tens
            num_batches_tracked: Optional[Tensor] = None, activation: ActivationLike = "relu",
            negative_slope: Optional[float] = None, residual: Optional[Tensor] = None,
            backend: Optional[str] = None, process_group=None,
-           batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+           batch_stats: Optional[Tuple[Tensor, Tensor]] = None, memory: str = "default"
+           ) -> Tensor:
     """act(bn(x) + residual): the scale-bias-add-activation op (timm's BatchNormAct2d).
-    `batch_stats`: x's (mean, biased variance), as for `conv_bn_act`."""
+    `batch_stats`: x's (mean, biased variance), as for `conv_bn_act`. `memory="low"` keeps
+    what the default keeps (there is no conv to recompute), through the autograd Function on
+    every backend."""
     return conv_bn_act(x, None, None, bn_weight, bn_bias, running_mean, running_var,
                        training=training, momentum=momentum, eps=eps,
                        num_batches_tracked=num_batches_tracked, activation=activation,
                        negative_slope=negative_slope, residual=residual, backend=backend,
-                       process_group=process_group, batch_stats=batch_stats)
+                       process_group=process_group, batch_stats=batch_stats, memory=memory)
 
 
 def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -223,14 +234,19 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
                 negative_slope: Optional[float] = None, residual: Optional[Tensor] = None,
                 stride=1, padding: Union[int, tuple, str] = 0, dilation=1, groups: int = 1,
                 backend: Optional[str] = None, process_group=None,
-                batch_stats: Optional[Tuple[Tensor, Tensor]] = None, return_stats: bool = False):
+                batch_stats: Optional[Tuple[Tensor, Tensor]] = None, return_stats: bool = False,
+                memory: str = "default"):
     """conv(act(bn(x)), weight, bias) + residual — the pre-activation form (ResNet v2).
 
     `batch_stats`: x's (mean, biased variance) when already computed, as for `conv_bn_act`.
     `return_stats=True` returns (y, mean, var) with y's per-channel batch mean and biased
     variance (not differentiable; for the next BN of a chain, which may take them as its
     `batch_stats`), computed in the conv's epilogue where the backend can.
+    Kept for backward: x and BN's statistics, never act(bn(x)) (recomputed), except on the
+    eager backend's default path (torch's own chain, CPU speed); `memory="low"` takes that
+    backend through the autograd Function too. Synchronised BN keeps act(bn(x)).
     """
+    check_memory(memory)
     if not isinstance(return_stats, bool):
         raise ResfuseInputError(f"return_stats: expected a bool, got {return_stats!r}")
     if _is_1d(x):  # 1-D (Conv1d): as `conv_bn_act`
@@ -242,11 +258,11 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
             activation=activation, negative_slope=negative_slope, residual=residual,
             stride=g.stride, padding=g.padding, dilation=g.dilation, groups=groups,
             backend=backend, process_group=process_group, batch_stats=batch_stats,
-            return_stats=return_stats))
+            return_stats=return_stats, memory=memory))
     out = _bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
                        training, momentum, eps, num_batches_tracked, activation, negative_slope,
                        residual, stride, padding, dilation, groups, backend, process_group,
-                       batch_stats, return_stats)
+                       batch_stats, return_stats, memory)
     if not return_stats:
         return out
     return out if isinstance(out, tuple) else (out, *_batch_stats_of(out))
@@ -262,7 +278,8 @@ def _batch_stats_of(y: Tensor) -> Tuple[Tensor, Tensor]:
 
 def _bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, training,
                  momentum, eps, num_batches_tracked, activation, negative_slope, residual, stride,
-                 padding, dilation, groups, backend, process_group, batch_stats, return_stats):
+                 padding, dilation, groups, backend, process_group, batch_stats, return_stats,
+                 memory="default"):
     """`bn_act_conv`: y, or (y, mean, var) where the op computed y's statistics itself."""
     check_input(x)
     amp = _autocast_dtype(x)
@@ -274,7 +291,7 @@ def _bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
             a = bn_act(x, bn_weight, bn_bias, running_mean, running_var, training=training,
                        momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
                        activation=activation, negative_slope=negative_slope, backend=backend,
-                       process_group=process_group, batch_stats=batch_stats)
+                       process_group=process_group, batch_stats=batch_stats, memory=memory)
             y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
             return y if residual is None else y.add_(_same_dtype(residual, y.dtype))
         weight, bias = _amp_cast(weight, amp), _amp_cast(bias, amp)
@@ -283,7 +300,7 @@ def _bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
                 x, bn_weight, bn_bias, running_mean, running_var, weight, bias, training,
                 momentum, eps, num_batches_tracked, activation, negative_slope,
                 _same_dtype(residual, x.dtype), stride, padding, dilation, groups, backend,
-                process_group, batch_stats, return_stats)
+                process_group, batch_stats, return_stats, memory)
     _check_weight_type(weight)
     cp = conv_params(weight, stride, padding, dilation, groups)
     c_out, oh, ow = check_conv(x, weight, bias, cp)
@@ -316,7 +333,7 @@ def _bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
                                            num_batches_tracked, weight, bias, residual, c, group)
     x_mean, x_var = batch_stats if batch_stats is not None else (None, None)
     if _needs_grad(x, weight, bias, bn_weight, bn_bias, residual):
-        if be.autograd_chain:  # (computes x's statistics in its own batch-norm pass)
+        if be.autograd_chain and memory == "default":  # (x's statistics: its own BN pass)
             return be.bn_act_conv_chain(x, bn_weight, bn_bias, running_mean, running_var,
                                         num_batches_tracked, weight, bias, residual, cp,
                                         c.training, c.momentum, c.eps, act)
@@ -329,6 +346,87 @@ def _bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
         c.momentum, c.eps, c.activation, c.negative_slope, c.backend, False, x_mean, x_var,
         return_stats)
     return (y, y_mean, y_var) if return_stats else y
+
+
+def bn_act_conv_bn_act(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       weight: Tensor, bias: Optional[Tensor] = None,
+                       out_bn_weight: Optional[Tensor] = None,
+                       out_bn_bias: Optional[Tensor] = None,
+                       out_running_mean: Optional[Tensor] = None,
+                       out_running_var: Optional[Tensor] = None, *, training: bool = False,
+                       momentum: Optional[float] = 0.1, eps: float = 1e-5,
+                       num_batches_tracked: Optional[Tensor] = None,
+                       out_training: Optional[bool] = None,
+                       out_momentum: Optional[float] = 0.1, out_eps: float = 1e-5,
+                       out_num_batches_tracked: Optional[Tensor] = None,
+                       activation: ActivationLike = "relu",
+                       negative_slope: Optional[float] = None,
+                       residual: Optional[Tensor] = None, stride=1,
+                       padding: Union[int, tuple, str] = 0, dilation=1, groups: int = 1,
+                       backend: Optional[str] = None,
+                       batch_stats: Optional[Tuple[Tensor, Tensor]] = None,
+                       memory: str = "low") -> Tensor:
+    """act(bn_out(conv(act(bn(x)), weight, bias)) + residual): a residual block's last conv
+    with its BN, the residual add and the activation (the tail of a block's chain, x being
+    the previous conv's output z, `batch_stats` its statistics).
+
+    bn (`bn_weight` ... `num_batches_tracked`, `training`, `momentum`, `eps`) is the BN
+    applied to x, bn_out (the `out_*` arguments; `out_training` None: as `training`) the one
+    after the conv. `memory="low"`: kept for backward are x, both BNs' statistics and what the
+    activation's backward reads (a 1-bit mask for relu on the kernel backends), not the conv's
+    output, which the backward recomputes from x with the same kernel and the statistics the
+    forward used (no running statistic updated twice): `BNActConvBNActFunction`.
+    `memory="default"`: `bn_act_conv(..., return_stats=True)` then `bn_act(batch_stats=...)`,
+    keeping the conv's output too. Same results and side effects either way.
+    """
+    check_memory(memory)
+    check_input(x)
+    _check_weight_type(weight)
+    out_training = training if out_training is None else out_training
+    cp = conv_params(weight, stride, padding, dilation, groups)
+    c_out, oh, ow = check_conv(x, weight, bias, cp)
+    out_shape = (x.shape[0], c_out, oh, ow)
+    check_bn(x, x.shape[1], bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+             momentum, eps, training, tuple(x.shape), synced=False)
+    try:
+        check_bn(x, c_out, out_bn_weight, out_bn_bias, out_running_mean, out_running_var,
+                 out_num_batches_tracked, out_momentum, out_eps, out_training, out_shape,
+                 synced=False)
+    except ResfuseInputError as e:  # the same checks, named as this function's arguments
+        raise ResfuseInputError(f"out_{e}") from None
+    check_batch_stats(batch_stats, x, x.shape[1], False)
+    check_residual(residual, x, out_shape)
+    act = as_activation(activation, negative_slope)
+    be = dispatch.select_for_call(Case("bn_act_conv", x.device.type, x.dtype,
+                                       _channels_last(x), cp.groups, training), backend)
+    leaves = (x, bn_weight, bn_bias, weight, bias, out_bn_weight, out_bn_bias, residual)
+    if (memory == "default" or not _needs_grad(*leaves) or _autocast_dtype(x) is not None
+            or x.shape[0] == 0 or cp.pre_pad != (0, 0)):
+        # Nothing to save (or a case the two ops handle): the two ops.
+        z = bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
+                        training=training, momentum=momentum, eps=eps,
+                        num_batches_tracked=num_batches_tracked, activation=act,
+                        stride=stride, padding=padding, dilation=dilation, groups=groups,
+                        backend=backend, batch_stats=batch_stats, return_stats=True,
+                        memory=memory)
+        z, z_mean, z_var = z
+        return bn_act(z, out_bn_weight, out_bn_bias, out_running_mean, out_running_var,
+                      training=out_training, momentum=out_momentum, eps=out_eps,
+                      num_batches_tracked=out_num_batches_tracked, activation=act,
+                      residual=residual, backend=backend,
+                      batch_stats=(z_mean, z_var) if x.shape[0] else None, memory=memory)
+    c = OpConfig(cp.stride, cp.padding, cp.dilation, cp.groups, bool(training),
+                 None if momentum is None else float(momentum), float(eps), act.kind,
+                 act.negative_slope, be.name, memory)
+    c_out_bn = OpConfig(training=bool(out_training),
+                        momentum=None if out_momentum is None else float(out_momentum),
+                        eps=float(out_eps), backend=be.name)
+    x_mean, x_var = batch_stats if batch_stats is not None else (None, None)
+    return BNActConvBNActFunction.apply(
+        x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias,
+        out_bn_weight, out_bn_bias, out_running_mean, out_running_var, out_num_batches_tracked,
+        residual, c, c_out_bn, x_mean, x_var)
 
 
 def conv_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride=1,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import functional as RF
 from . import reference
 from .activations import ActivationLike, as_activation
-from .validation import ResfuseInputError
+from .validation import ResfuseInputError, check_memory
 
 Tensor = torch.Tensor
 
@@ -142,15 +142,17 @@ def _norm_layer(norm_layer, sync_bn: bool, process_group):
 
 
 def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation,
-                        residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+                        residual: Optional[Tensor] = None, backend: Optional[str] = None,
+                        memory: str = "default") -> Tensor:
     """act(bn(conv(x)) + residual) with the state of two existing modules."""
     x, conv_kw = _conv_args(conv, x)
     return RF.conv_bn_act(x, **conv_kw, **_bn_args(bn), activation=activation,
-                          residual=residual, backend=backend)
+                          residual=residual, backend=backend, memory=memory)
 
 
 def bn_act_conv_modules(x: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, activation,
-                        residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+                        residual: Optional[Tensor] = None, backend: Optional[str] = None,
+                        memory: str = "default") -> Tensor:
     """conv(act(bn(x))) + residual with the state of two existing modules."""
     if conv.padding_mode != "zeros":  # the padding belongs after the activation
         a = RF.bn_act(x, **_bn_args(bn), activation=activation, backend=backend)
@@ -158,7 +160,15 @@ def bn_act_conv_modules(x: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, activati
         return y if residual is None else y + residual
     _, conv_kw = _conv_args(conv, x)
     return RF.bn_act_conv(x, **_bn_args(bn), **conv_kw, activation=activation,
-                          residual=residual, backend=backend)
+                          residual=residual, backend=backend, memory=memory)
+
+
+def _tail_bn_args(bn: nn.BatchNorm2d, prefix: str = "") -> dict:
+    """`_bn_args` as `resfuse.functional.bn_act_conv_bn_act` takes its BNs (names prefixed
+    "out_" for the second; never synchronised: the block chain runs without)."""
+    kw = _bn_args(bn)
+    del kw["process_group"]
+    return {prefix + k: v for k, v in kw.items()}
 
 
 class FusedConvBNAct(nn.Module):
@@ -170,8 +180,10 @@ class FusedConvBNAct(nn.Module):
                  momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, padding_mode: str = "zeros",
                  backend: Optional[str] = None, device=None, dtype=None, *,
-                 sync_bn: bool = False, process_group=None):
+                 sync_bn: bool = False, process_group=None, memory: str = "default"):
+        self_memory = check_memory(memory)
         super().__init__()
+        self.memory = self_memory
         kw = dict(device=device, dtype=dtype)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
                               groups, bias, padding_mode, **kw)
@@ -183,8 +195,9 @@ class FusedConvBNAct(nn.Module):
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: ActivationLike = None,
-                     backend: Optional[str] = None) -> "FusedConvBNAct":
+                     backend: Optional[str] = None, memory: str = "default") -> "FusedConvBNAct":
         """Wrap existing modules (shared, not copied). `act` None means identity."""
+        check_memory(memory)
         if type(conv) is not nn.Conv2d:
             raise ResfuseInputError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
         if not is_batch_norm_2d(bn):
@@ -198,13 +211,16 @@ class FusedConvBNAct(nn.Module):
         self.activation = as_activation(act)
         self.act = self.activation.module()
         self.backend = backend
+        self.memory = memory
         return self
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return conv_bn_act_modules(x, self.conv, self.bn, self.activation, residual, self.backend)
+        return conv_bn_act_modules(x, self.conv, self.bn, self.activation, residual, self.backend,
+                                   getattr(self, "memory", "default"))
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation}, backend={self.backend or 'auto'}"
+        return (f"activation={self.activation}, backend={self.backend or 'auto'}, "
+                f"memory={getattr(self, 'memory', 'default')}")
 
 
 class FusedConvBNAct1d(FusedConvBNAct):
@@ -263,21 +279,33 @@ class FusedResidualBlock(reference.ResidualBlock):
     `sync_bn=True` (with `process_group=`, None: the world) makes every BN a `SyncBatchNorm`.
     A `downsample` of the form `Sequential([pool,] Conv2d, BatchNorm2d)` is fused too; any
     other downsample module runs as it is.
+
+    `memory` (attribute and keyword): what training keeps for backward. "default": the block's
+    input, each conv's output z (pre-BN) and the last activation's 1-bit mask on the kernel
+    backends, never a normalized activation (the eager backend: torch's own per-layer chain).
+    "low": also not the last conv's output (nor the projection's), recomputed in backward by
+    the same kernel from that conv's input, on every backend: a bottleneck keeps x, z1, z2
+    and the mask. Same results and gradients in both modes (see docs/memory.md).
     """
     _reference_class = reference.ResidualBlock
 
     def __init__(self, *args, backend: Optional[str] = None, sync_bn: bool = False,
-                 process_group=None, **kwargs):
+                 process_group=None, memory: str = "default", **kwargs):
+        check_memory(memory)
         if sync_bn or process_group is not None:
             kwargs["norm_layer"] = _norm_layer(kwargs.get("norm_layer"), sync_bn, process_group)
         super().__init__(*args, **kwargs)
         self.backend = backend
+        self.memory = memory
         self._check_fusable()
 
     @classmethod
-    def from_modules(cls, *args, backend: Optional[str] = None, **kwargs):
+    def from_modules(cls, *args, backend: Optional[str] = None, memory: str = "default",
+                     **kwargs):
+        check_memory(memory)
         self = super().from_modules(*args, **kwargs)
         self.backend = backend
+        self.memory = memory
         self._check_fusable()
         return self
 
@@ -287,6 +315,10 @@ class FusedResidualBlock(reference.ResidualBlock):
 
     def _is_block_bn(self, bn) -> bool:
         return is_batch_norm_1d(bn) if self._conv_type() is nn.Conv1d else is_batch_norm_2d(bn)
+
+    @property
+    def _low(self) -> bool:
+        return getattr(self, "memory", "default") == "low"
 
     def _check_fusable(self):
         conv_t = self._conv_type()
@@ -310,19 +342,20 @@ class FusedResidualBlock(reference.ResidualBlock):
                 and self._is_block_bn(layers[-1])):
             if len(layers) == 3:
                 x = layers[0](x)
-            return conv_bn_act_modules(x, layers[-2], layers[-1], None, backend=self.backend)
+            return conv_bn_act_modules(x, layers[-2], layers[-1], None, backend=self.backend,
+                                       memory="low" if self._low else "default")
         return ds(x)
 
     def _runs_chain(self, x: Tensor) -> bool:
         """Whether this call runs as DESIGN.md's chain (`_chain_forward`): every BN uses batch
         statistics without synchronisation, every conv pads with zeros, the batch is not
-        empty, and the backend applies BN + activation in its convs' prologue."""
+        empty, and the backend runs blocks as the chain (`memory="low"`: on every backend)."""
         for conv, bn in self._pairs():
             if conv.padding_mode != "zeros" or _sync_group(bn) is not None:
                 return False
             if not (bn.training or bn.running_mean is None):
                 return False  # running statistics: the folded or plain per-layer ops
-        return x.shape[0] > 0 and RF.fuses_block_chain(x, self.backend)
+        return x.shape[0] > 0 and (self._low or RF.fuses_block_chain(x, self.backend))
 
     def _chain_forward(self, x: Tensor) -> Tensor:
         """The block as one chain (DESIGN.md section 1): each conv computes its output's batch
@@ -331,32 +364,42 @@ class FusedResidualBlock(reference.ResidualBlock):
         the residual add and the activation are one pass. Same results and side effects as
         the per-layer ops."""
         act, be = self.activation, self.backend
+        mem = "low" if self._low else "default"
         pairs = self._pairs()
         (conv1, bn1), rest = pairs[0], pairs[1:]
-        if self.preact:
+        if self.preact:  # (the last conv's output is the block's: nothing more to drop)
             if self.downsample is None:
                 shortcut = x
                 z, m, v = RF.bn_act_conv(x, **_bn_args(bn1), **_conv_args(conv1, x)[1],
-                                         activation=act, backend=be, return_stats=True)
+                                         activation=act, backend=be, return_stats=True,
+                                         memory=mem)
             else:  # the projection reads act(bn1(x)) too: normalize once, convolve twice
-                a = RF.bn_act(x, **_bn_args(bn1), activation=act, backend=be)
+                a = RF.bn_act(x, **_bn_args(bn1), activation=act, backend=be, memory=mem)
                 shortcut = self._shortcut(x, a)
                 z, m, v = RF.conv_stats(a, **_conv_args(conv1, a)[1], backend=be)
             for i, (conv, bn) in enumerate(rest):
                 last = i == len(rest) - 1
                 out = RF.bn_act_conv(z, **_bn_args(bn), **_conv_args(conv, z)[1],
                                      activation=act, backend=be, batch_stats=(m, v),
-                                     residual=shortcut if last else None, return_stats=not last)
+                                     residual=shortcut if last else None, return_stats=not last,
+                                     memory=mem)
                 if last:
                     return out
                 z, m, v = out
         shortcut = self._shortcut(x)
         z, m, v = RF.conv_stats(x, **_conv_args(conv1, x)[1], backend=be)
         prev_bn = bn1
-        for conv, bn in rest:
+        for i, (conv, bn) in enumerate(rest):
+            if self._low and i == len(rest) - 1:
+                # The tail: the last conv's output is recomputed in backward, not kept.
+                return RF.bn_act_conv_bn_act(z, **_tail_bn_args(prev_bn),
+                                             **_conv_args(conv, z)[1],
+                                             **_tail_bn_args(bn, "out_"), activation=act,
+                                             residual=shortcut, backend=be, batch_stats=(m, v),
+                                             memory="low")
             z, m, v = RF.bn_act_conv(z, **_bn_args(prev_bn), **_conv_args(conv, z)[1],
                                      activation=act, backend=be, batch_stats=(m, v),
-                                     return_stats=True)
+                                     return_stats=True, memory=mem)
             prev_bn = bn
         return RF.bn_act(z, **_bn_args(prev_bn), activation=act, residual=shortcut, backend=be,
                          batch_stats=(m, v))
@@ -365,31 +408,35 @@ class FusedResidualBlock(reference.ResidualBlock):
         if self._runs_chain(x):
             return self._chain_forward(x)
         act, be = self.activation, self.backend
+        mem = "low" if self._low else "default"  # (ignored by synchronised BN)
         pairs = self._pairs()
         if self.preact:
             conv1, bn1 = pairs[0]
             if self.downsample is None:
                 shortcut = x
-                out = bn_act_conv_modules(x, bn1, conv1, act, backend=be)
+                out = bn_act_conv_modules(x, bn1, conv1, act, backend=be, memory=mem)
             else:  # the projection reads act(bn1(x)) too: normalize once, convolve twice
-                a = RF.bn_act(x, **_bn_args(bn1), activation=act, backend=be)
+                a = RF.bn_act(x, **_bn_args(bn1), activation=act, backend=be, memory=mem)
                 shortcut = self._shortcut(x, a)
                 out = conv1(a)
             for conv, bn in pairs[1:-1]:
-                out = bn_act_conv_modules(out, bn, conv, act, backend=be)
+                out = bn_act_conv_modules(out, bn, conv, act, backend=be, memory=mem)
             conv, bn = pairs[-1]
-            return bn_act_conv_modules(out, bn, conv, act, residual=shortcut, backend=be)
+            return bn_act_conv_modules(out, bn, conv, act, residual=shortcut, backend=be,
+                                       memory=mem)
         shortcut = self._shortcut(x)
         out = x
         for conv, bn in pairs[:-1]:
-            out = conv_bn_act_modules(out, conv, bn, act, backend=be)
+            out = conv_bn_act_modules(out, conv, bn, act, backend=be, memory=mem)
         conv, bn = pairs[-1]
-        return conv_bn_act_modules(out, conv, bn, act, residual=shortcut, backend=be)
+        return conv_bn_act_modules(out, conv, bn, act, residual=shortcut, backend=be,
+                                   memory=mem)
 
     def extra_repr(self) -> str:
         kind = "bottleneck" if self.bottleneck else "basic"
         return (f"{kind}, {'pre' if self.preact else 'post'}-activation, "
-                f"activation={self.activation}, backend={self.backend or 'auto'}")
+                f"activation={self.activation}, backend={self.backend or 'auto'}, "
+                f"memory={getattr(self, 'memory', 'default')}")
 
 
 class FusedBasicBlock(FusedResidualBlock):
@@ -399,10 +446,11 @@ class FusedBasicBlock(FusedResidualBlock):
     _reference_class = reference.BasicBlock
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64,
-                 dilation=1, norm_layer=None, *, backend: Optional[str] = None):
+                 dilation=1, norm_layer=None, *, backend: Optional[str] = None,
+                 memory: str = "default"):
         super().__init__(inplanes, planes, stride, bottleneck=False, downsample=downsample,
                          groups=groups, base_width=base_width, dilation=dilation,
-                         norm_layer=norm_layer, backend=backend)
+                         norm_layer=norm_layer, backend=backend, memory=memory)
 
 
 class FusedBottleneck(FusedResidualBlock):
@@ -412,7 +460,8 @@ class FusedBottleneck(FusedResidualBlock):
     _reference_class = reference.Bottleneck
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64,
-                 dilation=1, norm_layer=None, *, backend: Optional[str] = None):
+                 dilation=1, norm_layer=None, *, backend: Optional[str] = None,
+                 memory: str = "default"):
         super().__init__(inplanes, planes, stride, bottleneck=True, downsample=downsample,
                          groups=groups, base_width=base_width, dilation=dilation,
-                         norm_layer=norm_layer, backend=backend)
+                         norm_layer=norm_layer, backend=backend, memory=memory)

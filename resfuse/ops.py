@@ -42,6 +42,9 @@ class OpConfig(NamedTuple):
     activation: str = "relu"  # an `Activation.kind`
     negative_slope: float = 0.01
     backend: str = "eager"  # a resolved backend name, never "auto"
+    # "default" or "low": with "low", `ConvBNActFunction` keeps the conv's input instead of its
+    # output z and recomputes z in backward (see `conv_fwd`).
+    memory: str = "default"
 
 
 # FRAGMENT: the CUDA extension adds its ops to the same namespace from C++.
@@ -267,8 +270,10 @@ class ConvBNActFunction(torch.autograd.Function):
     num_batches_tracked, residual, config[, z_mean, z_var])` with `config` an `OpConfig`;
     `z_mean`, `z_var`: the batch statistics of the BN input when already computed (a block's
     chain: `ConvStatsFunction`, `BNActConvFunction` with `out_stats`), then trusted and treated
-    as functions of that input in the backward. Arguments are not checked here; `resfuse.functional.conv_bn_act` checks them and picks the backend. Not
-    twice differentiable.
+    as functions of that input in the backward. With `config.memory == "low"` the conv's
+    output z is not kept: the backward recomputes it from x with the same kernel (`conv_fwd`).
+    Arguments are not checked here; `resfuse.functional.conv_bn_act` checks them and picks the
+    backend. Not twice differentiable.
     """
 
     @staticmethod
@@ -284,10 +289,15 @@ class ConvBNActFunction(torch.autograd.Function):
         if save:
             saves = dispatch.get(c.backend).forward_saves(Activation(c.activation, c.negative_slope))
             saved = y if saves == "output" else (u if saves in ("input", "mask") else None)
-            ctx.save_for_backward(x, weight, z if weight is not None else x, saved, mean,
-                                  invstd, bn_weight, bn_bias, bias)
-            ctx.config = c
             ctx.use_batch_stats = c.training or running_mean is None
+            # Low memory: z is recomputed in backward by the kernel that made it (the conv with
+            # its statistics epilogue when the forward computed the statistics there).
+            ctx.recompute = weight is not None and c.memory == "low"
+            ctx.epilogue_stats = ctx.use_batch_stats and z_mean is None
+            kept_z = None if ctx.recompute else (z if weight is not None else x)
+            ctx.save_for_backward(x, weight, kept_z, saved, mean, invstd, bn_weight, bn_bias,
+                                  bias)
+            ctx.config = c
         return y
 
     @staticmethod
@@ -296,6 +306,10 @@ class ConvBNActFunction(torch.autograd.Function):
         x, weight, z, saved, mean, invstd, bn_weight, bn_bias, bias = ctx.saved_tensors
         c = ctx.config
         n = ctx.needs_input_grad
+        if ctx.recompute:
+            z = torch.ops.resfuse.conv_fwd(x, weight, bias, list(c.stride), list(c.padding),
+                                           list(c.dilation), c.groups, c.backend,
+                                           ctx.epilogue_stats)
         mask = [n[0], n[1] and weight is not None, n[2] and bias is not None,
                 n[3] and bn_weight is not None, n[4] and bn_bias is not None, n[8]]
         g = torch.ops.resfuse.conv_bn_act_bwd(
@@ -375,8 +389,8 @@ def _(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, wei
       negative_slope, backend, save_for_backward, x_mean=None, x_var=None, out_stats=False):
     y, a, mean, invstd = bn_act_conv_fake(x, weight, bias, stride, padding, dilation, groups,
                                           save_for_backward)
-    if save_for_backward and dispatch.get(backend).conv_prologue:
-        a = _empty(x)  # recomputed by the backward
+    if save_for_backward:
+        a = _empty(x)  # never kept: the backward recomputes it
     stats = y.new_empty(y.shape[1], dtype=acc_dtype(x.dtype)) if out_stats else _empty(x)
     return y, a, mean, invstd, stats, (torch.empty_like(stats) if out_stats else _empty(x))
 
@@ -405,6 +419,13 @@ def bn_act_conv_bwd(grad_y: Tensor, x: Tensor, a: Tensor, weight: Tensor, mean: 
     m_x, m_bnw, m_bnb, m_w, m_b = output_mask
     need_ga = m_x or m_bnw or m_bnb
     written = a.numel() == x.numel()
+    if not written and not be.conv_backward_prologue:
+        # The forward did not keep a = act(bn(x)) and this backend's conv backward reads its
+        # input as it is: recompute a once, for the weight gradient and the activation's
+        # backward, freed when this op returns.
+        scale, shift = bn_scale_shift(mean, invstd, bn_weight, bn_bias)
+        a, _ = be.scale_shift_add_act(x, scale, shift, None, act, False)
+        written = True
     prologue = None
     if not written:
         # The forward applied BN + activation in the conv's prologue and never wrote
@@ -510,6 +531,25 @@ def _(x, weight, bias, stride, padding, dilation, groups, backend):
     return torch.empty_like(z), stats, torch.empty_like(stats)
 
 
+@_op("conv_fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+     "int[] dilation, int groups, str backend, bool epilogue_stats) -> Tensor")
+def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+             padding: List[int], dilation: List[int], groups: int, backend: str,
+             epilogue_stats: bool) -> Tensor:
+    """z = conv(x, weight, bias) by the backend's kernel, with its statistics epilogue when
+    `epilogue_stats` (the statistics themselves dropped): the low-memory backward's recompute
+    of a conv output, by the very kernel the forward ran, so the bits are the forward's."""
+    be = dispatch.get(backend)
+    p = _params(stride, padding, dilation, groups)
+    z = be.conv_stats(x, weight, bias, p)[0] if epilogue_stats else be.conv(x, weight, bias, p)
+    return conv_output(z, x, weight)
+
+
+@conv_fwd.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, backend, epilogue_stats):
+    return fake_conv(x, weight, bias, stride, padding, dilation, groups)
+
+
 @_op("conv_bwd(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, "
      "int[] dilation, int groups, str backend, bool has_bias, bool[] output_mask) "
      "-> (Tensor, Tensor, Tensor)")
@@ -576,3 +616,98 @@ class ConvStatsFunction(torch.autograd.Function):
                                        mask)
         g_x, g_w, g_b = (t if m else None for t, m in zip(g, mask))
         return g_x, g_w, g_b, None
+
+
+# ============================================================== a block's tail, low memory
+
+class BNActConvBNActFunction(torch.autograd.Function):
+    """y = act(bn_out(conv(act(bn_in(x)), weight, bias)) + residual): the last conv of a
+    residual block's chain with the block's last BN, residual add and activation, keeping
+    neither the conv's output z nor act(bn_in(x)): the backward recomputes z from x with the
+    same kernel on the same inputs (bn_in's statistics as the forward used them, no running
+    statistics touched), then runs the two ops' backwards as the default mode does.
+
+    `BNActConvBNActFunction.apply(x, bn_weight, bn_bias, running_mean, running_var,
+    num_batches_tracked, weight, bias, out_bn_weight, out_bn_bias, out_running_mean,
+    out_running_var, out_num_batches_tracked, residual, config, out_config, x_mean, x_var)`:
+    `config` (an `OpConfig`) gives the conv, bn_in and the activation; `out_config` bn_out's
+    training, momentum and eps; `x_mean`, `x_var` as `BNActConvFunction`'s. Kept: x, bn_in's
+    and bn_out's statistics (per channel) and what the activation's backward reads (a 1-bit
+    mask for relu on the kernel backends). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                weight, bias, out_bn_weight, out_bn_bias, out_running_mean, out_running_var,
+                out_num_batches_tracked, residual, config: OpConfig, out_config: OpConfig,
+                x_mean=None, x_var=None):
+        c, co = config, out_config
+        n = ctx.needs_input_grad
+        save = any(n[:3]) or any(n[6:10]) or n[13]
+        in_batch = c.training or running_mean is None
+        out_batch = co.training or out_running_mean is None
+        if in_batch and x_mean is None:  # the statistics the recompute will be handed
+            with torch.no_grad():
+                x_var, x_mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=(0, 2, 3),
+                                               correction=0)
+        z, _, mean, invstd, z_mean, z_var = torch.ops.resfuse.bn_act_conv_fwd(
+            x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias,
+            None, list(c.stride), list(c.padding), list(c.dilation), c.groups, c.training,
+            c.momentum, c.eps, c.activation, c.negative_slope, c.backend, save,
+            x_mean if in_batch else None, x_var if in_batch else None, out_batch)
+        y, _, out_mean, out_invstd, u = torch.ops.resfuse.conv_bn_act_fwd(
+            z, None, None, out_bn_weight, out_bn_bias, out_running_mean, out_running_var,
+            out_num_batches_tracked, residual, [1, 1], [0, 0], [1, 1], 1, co.training,
+            co.momentum, co.eps, c.activation, c.negative_slope, c.backend, save,
+            z_mean if out_batch else None, z_var if out_batch else None)
+        if save:
+            saves = dispatch.get(c.backend).forward_saves(Activation(c.activation, c.negative_slope))
+            saved = y if saves == "output" else (u if saves in ("input", "mask") else None)
+            if in_batch:
+                stats = (x_mean, x_var)
+            else:  # the running statistics as they are now (a later update must not matter)
+                stats = (running_mean.clone(), running_var.clone())
+            ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, invstd, *stats,
+                                  out_bn_weight, out_bn_bias, out_mean, out_invstd, saved)
+            ctx.flags = (in_batch, out_batch)
+            ctx.configs = (c, co)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        (x, weight, bias, bn_weight, bn_bias, mean, invstd, s_mean, s_var, out_bn_weight,
+         out_bn_bias, out_mean, out_invstd, saved) = ctx.saved_tensors
+        c, co = ctx.configs
+        in_batch, out_batch = ctx.flags
+        n = ctx.needs_input_grad
+        conv_args = (list(c.stride), list(c.padding), list(c.dilation), c.groups)
+        # z again: the forward's kernel on the forward's inputs (with its statistics epilogue
+        # where the forward had it), BN statistics given, nothing updated.
+        z = torch.ops.resfuse.bn_act_conv_fwd(
+            x, bn_weight, bn_bias, None if in_batch else s_mean, None if in_batch else s_var,
+            None, weight, bias, None, *conv_args, in_batch, None, c.eps, c.activation,
+            c.negative_slope, c.backend, False, s_mean if in_batch else None,
+            s_var if in_batch else None, out_batch)[0]
+        need_front = any(n[:3]) or n[6] or n[7]
+        mask_out = [need_front, False, False, n[8] and out_bn_weight is not None,
+                    n[9] and out_bn_bias is not None, n[13]]
+        g = torch.ops.resfuse.conv_bn_act_bwd(
+            grad_y, z, None, z, saved, out_mean, out_invstd, out_bn_weight, [1, 1], [0, 0],
+            [1, 1], 1, out_batch, c.activation, c.negative_slope, c.backend, False, mask_out)
+        del z
+        g_z, g_obnw, g_obnb, g_res = g[0], g[3], g[4], g[5]
+        g_x = g_bnw = g_bnb = g_w = g_b = None
+        if need_front:
+            mask_in = [n[0], n[1] and bn_weight is not None, n[2] and bn_bias is not None,
+                       n[6], n[7] and bias is not None]
+            gi = torch.ops.resfuse.bn_act_conv_bwd(
+                g_z, x, _empty(x), weight, mean, invstd, bn_weight, bn_bias, *conv_args,
+                in_batch, c.activation, c.negative_slope, c.backend, bias is not None, mask_in)
+            g_x, g_bnw, g_bnb, g_w, g_b = (t if m else None for t, m in zip(gi, mask_in))
+            g_bnw = _param_grad(g_bnw, bn_weight, mask_in[1])
+            g_bnb = _param_grad(g_bnb, bn_bias, mask_in[2])
+        return (g_x, g_bnw, g_bnb, None, None, None, g_w, g_b,
+                _param_grad(g_obnw, out_bn_weight, mask_out[3]),
+                _param_grad(g_obnb, out_bn_bias, mask_out[4]), None, None, None,
+                g_res if n[13] else None, None, None, None, None)

@@ -204,3 +204,14 @@ def check_batch_stats(batch_stats, x, channels: int, synced: bool):
                   f"got {t.dtype}")
         if tuple(t.shape) != (channels,):
             _fail(f"{name}: expected shape ({channels},), got {tuple(t.shape)}")
+
+
+MEMORY_MODES = ("default", "low")
+
+
+def check_memory(memory) -> str:
+    """`memory=`: "default" (keep each conv's output z, never a normalized activation) or
+    "low" (also drop the last conv's output of a block, recomputed in backward)."""
+    if not isinstance(memory, str) or memory not in MEMORY_MODES:
+        _fail(f"memory: expected one of {MEMORY_MODES}, got {memory!r}")
+    return memory

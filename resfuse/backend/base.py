@@ -113,10 +113,15 @@ def finalize_stats(mean: Tensor, var: Tensor, count, eps: float, running_mean: O
 
 class Backend:
     name = "pieces"
-    # True for a backend whose conv applies BN + activation to its input as it loads it
-    # (`bn_act_conv` never writes act(bn(x))): a residual block in training then runs as the
-    # chain of DESIGN.md section 1 (`resfuse.functional.fuses_block_chain`).
-    conv_prologue = False
+    # True for a backend on which a residual block in training runs as a chain of ops that
+    # hand BN's input z and its statistics from conv to conv (`resfuse.functional.
+    # fuses_block_chain`): every `bn_act_conv` keeps z, never act(bn(z)). Here (and on the cuda
+    # backend) act(bn(z)) is a temporary of the forward, recomputed in backward for the weight
+    # gradient; a kernel backend applies it as its conv loads z (`conv_backward_prologue`).
+    conv_prologue = True
+    # True for a backend whose `conv_backward` applies an `InputPrologue` as it loads x (no
+    # act(bn(x)) written in backward either); False: the op recomputes it once, up front.
+    conv_backward_prologue = False
     # True for a backend whose training forward is a chain of differentiable torch ops
     # (`conv_bn_act_chain` / `bn_act_conv_chain`) rather than the custom autograd Function.
     autograd_chain = False
@@ -231,10 +236,11 @@ class Backend:
                     p: ConvParams, out_stats: bool = False):
         """y = conv(act(bn(x))) + residual with nn.BatchNorm2d's semantics and side effects
         (`batch_stats`: x's batch statistics already computed, as in `bn_act_forward`).
-        Returns (y, a, mean, invstd, y_stats): a = act(bn(x)) when this backend wrote it
-        (kept for the weight gradient; None from a backend whose conv applies BN + activation
-        as it loads x, its prologue, and never writes a), the statistics BN used, and y's batch
-        (mean, biased variance) when `out_stats` (from the conv's epilogue where it can)."""
+        Returns (y, a, mean, invstd, y_stats): a = None (act(bn(x)) is not kept: here it is a
+        temporary, freed after the conv, and the backward recomputes it from x; a kernel
+        backend applies it as its conv loads x and never writes it), the statistics BN used,
+        and y's batch (mean, biased variance) when `out_stats` (from the conv's epilogue where
+        it can)."""
         kw = {} if batch_stats is None else {"batch_stats": batch_stats}
         a, mean, invstd, _ = self.bn_act_forward(x, bn_weight, bn_bias, running_mean,
                                                  running_var, num_batches_tracked, training,
@@ -245,9 +251,10 @@ class Backend:
             y, stats = self.conv(a, weight, bias, p), None
         if residual is not None:
             y = y.add_(residual)
+        del a  # freed now: the backward recomputes it (one elementwise pass)
         if out_stats and stats is None:
             stats = self.bn_stats(y)
-        return y, a, mean, invstd, stats
+        return y, None, mean, invstd, stats
 
     def bn_act_backward(self, grad_y: Tensor, saved: Optional[Tensor], z: Tensor, mean: Tensor,
                         invstd: Tensor, bn_weight: Optional[Tensor], use_batch_stats: bool,

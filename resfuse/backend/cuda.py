@@ -11,6 +11,11 @@ mask rather than reading a stored g_u. Eval mode with BN folded and ReLU uses cu
 conv + bias (+ add) + ReLU where `set_cudnn_fused_eval` allows it (fp16/bf16), else the folded
 conv followed by one add + activation pass.
 
+A residual block in training runs as the block chain (`conv_prologue`, inherited): each conv's
+output z is kept, act(bn(z)) is a temporary of the forward (written by the apply kernel,
+convolved by cuDNN, freed) and is recomputed once in backward for the weight gradient — the
+same Python path as the `pieces` backend's, which the CPU tests run.
+
 The ops the extension registers (`torch.ops.resfuse.cuda_*`) get fake implementations here, so
 they trace under `torch.compile` on their own too.
 """

@@ -100,6 +100,9 @@ class EagerBackend(Backend):
     """
     name = "eager"
     autograd_chain = True
+    # Default mode: per-layer autograd chains (aten's kernels, CPU speed), not the block chain.
+    # `memory="low"` runs the block chain through the autograd Functions on this backend too.
+    conv_prologue = False
 
     def _bn_chain(self, z, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                   training, momentum, eps):

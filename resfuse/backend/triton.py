@@ -88,6 +88,7 @@ class _RecomputedU(NamedTuple):
 class TritonBackend(Backend):
     name = "triton"
     conv_prologue = True
+    conv_backward_prologue = True
 
     def unavailable_reason(self) -> Optional[str]:
         mods, why = _kernels()
