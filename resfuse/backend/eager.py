@@ -7,6 +7,10 @@ one call), the way `torch.compile`'s CPU freezing passes do. That internal op is
 API: where it is missing, or refuses a case (dtype, activation, shapes), the plain
 conv -> add -> act pieces run instead, and the refusal is remembered so it costs one try.
 `set_cpu_fused_conv(False)` turns the fast path off (tests check both paths).
+
+`OneDNNEvalConv` is the same call prepared once for a fold (post-op attributes resolved,
+weights packed into oneDNN's blocked layout per input shape) for the modules' per-module eval
+plans (`resfuse.eval_plan`): it always answers in channels_last, oneDNN's preferred layout.
 """
 from __future__ import annotations
 
@@ -67,15 +71,72 @@ def _is_channels_last(t: Tensor) -> bool:
     return memory_format_of(t) == torch.channels_last
 
 
+# Packed weights kept per fold: one per input shape seen, up to this many (then started over).
+_MAX_PACKED = 16
+
+
 def _packed_weight(folded, x: Tensor, args) -> Tensor:
     """The folded weight in oneDNN's blocked layout for this input shape, made once per fold
     (it is what torch.compile's CPU freezing does; up to 2x faster on large 3x3 convs)."""
     key = ("onednn", tuple(x.shape), x.dtype)
     w = folded.packed.get(key)
     if w is None:
+        if len(folded.packed) >= _MAX_PACKED:
+            folded.packed.clear()
         w = torch._C._nn.mkldnn_reorder_conv2d_weight(folded.weight.to_mkldnn(), *args, list(x.shape))
         folded.packed[key] = w
     return w
+
+
+def _onednn_attrs(act: Activation):
+    """(unary, scalars, algorithm) of oneDNN's post-op for an activation."""
+    if act.kind == "leaky_relu":
+        return "leaky_relu", [act.negative_slope], None
+    return _ONEDNN_UNARY[act.kind]
+
+
+def onednn_eval_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused eval convolution may run on CPU tensors of `dtype` now (the
+    switch is on, this torch has the op, oneDNN takes the dtype)."""
+    return _cpu_fused_conv and dtype in (torch.float32, torch.bfloat16) and _onednn_op() is not None
+
+
+class OneDNNEvalConv:
+    """One folded eval conv prepared for oneDNN: y = act(conv(x, w', b') + residual), always
+    in channels_last. `packed(x)` gives the packed weight for x's shape (made once per shape
+    and fold); `__call__` takes x and the residual already in channels_last. A call oneDNN
+    refuses raises RuntimeError (the caller falls back to the plain pieces)."""
+    __slots__ = ("folded", "args", "unary", "scalars", "algo", "op", "binary", "residual",
+                 "after_add")
+
+    def __init__(self, folded, p: ConvParams, act: Activation, residual: bool):
+        self.folded = folded
+        self.args = (list(p.padding), list(p.stride), list(p.dilation), p.groups)
+        self.unary, self.scalars, self.algo = _onednn_attrs(act)
+        op = _onednn_op()
+        self.op, self.binary = getattr(op, "default", op), op.binary
+        self.residual = residual
+        # oneDNN fuses only relu after the residual add ("Unary Fusion behavior undefined"
+        # for the others): those run as torch's own activation, in place, after it.
+        self.after_add = None
+        if residual and self.unary not in ("none", "relu"):
+            self.after_add = act
+
+    def packed(self, x: Tensor) -> Tensor:
+        return _packed_weight(self.folded, x, self.args)
+
+    def __call__(self, x: Tensor, w: Tensor, residual: Optional[Tensor]) -> Tensor:
+        padding, stride, dilation, groups = self.args
+        if residual is None:
+            return self.op(x, w, self.folded.bias, padding, stride, dilation, groups, self.unary,
+                           self.scalars, self.algo)
+        if self.after_add is not None:
+            y = self.binary(x, residual, w, self.folded.bias, padding, stride, dilation, groups,
+                            "add", None, None, [], None)
+            return self.after_add.forward_(y)
+        return self.binary(x, residual, w, self.folded.bias, padding, stride, dilation, groups,
+                           "add", None, None if self.unary == "none" else self.unary,
+                           self.scalars, self.algo)
 
 
 class EagerBackend(Backend):
@@ -200,10 +261,7 @@ class EagerBackend(Backend):
         op = _onednn_op()
         if op is None:
             return None
-        if act.kind == "leaky_relu":
-            unary, scalars, algo = "leaky_relu", [act.negative_slope], None
-        else:
-            unary, scalars, algo = _ONEDNN_UNARY[act.kind]
+        unary, scalars, algo = _onednn_attrs(act)
         # The output layout must be eager's: channels_last iff the input or the weight is.
         channels_last = _is_channels_last(x) or _is_channels_last(folded.weight)
         key = (x.dtype, act.kind, residual is not None, channels_last, p.groups)
