@@ -6,6 +6,9 @@ post-ops (`torch.ops.mkldnn._convolution_pointwise`: conv + bias + residual add 
 one call), the way `torch.compile`'s CPU freezing passes do. That internal op is not a public
 API: where it is missing, or refuses a case (dtype, activation, shapes), the plain
 conv -> add -> act pieces run instead, and the refusal is remembered so it costs one try.
+oneDNN's relu post-op turns NaN into 0 (torch's relu keeps NaN), and after the residual add
+oneDNN fuses no activation but relu: in those cases the activation runs as torch's own, in
+place, after oneDNN's conv (+ bias + add), so NaN and Inf propagate as in eager.
 `set_cpu_fused_conv(False)` turns the fast path off (tests check both paths).
 
 `OneDNNEvalConv` is the same call prepared once for a fold (post-op attributes resolved,
@@ -88,11 +91,19 @@ def _packed_weight(folded, x: Tensor, args) -> Tensor:
     return w
 
 
-def _onednn_attrs(act: Activation):
-    """(unary, scalars, algorithm) of oneDNN's post-op for an activation."""
+def _onednn_attrs(act: Activation, residual: bool):
+    """(unary, scalars, algorithm, after) of oneDNN's post-ops for an activation: `after` is
+    the activation torch applies (in place) after oneDNN's call, where oneDNN cannot give
+    eager's result: its relu (and leaky_relu with slope 0, and clip) turns NaN into 0, where
+    torch's keeps NaN; and after the residual add it fuses no activation but relu ("Unary
+    Fusion behavior undefined")."""
+    if act.kind == "relu" or (act.kind == "leaky_relu" and act.negative_slope == 0):
+        return "none", [], None, act
+    if residual and act.kind != "identity":
+        return "none", [], None, act
     if act.kind == "leaky_relu":
-        return "leaky_relu", [act.negative_slope], None
-    return _ONEDNN_UNARY[act.kind]
+        return "leaky_relu", [act.negative_slope], None, None
+    return _ONEDNN_UNARY[act.kind] + (None,)
 
 
 def onednn_eval_available(dtype: torch.dtype) -> bool:
@@ -107,20 +118,15 @@ class OneDNNEvalConv:
     and fold); `__call__` takes x and the residual already in channels_last. A call oneDNN
     refuses raises RuntimeError (the caller falls back to the plain pieces)."""
     __slots__ = ("folded", "args", "unary", "scalars", "algo", "op", "binary", "residual",
-                 "after_add")
+                 "after")
 
     def __init__(self, folded, p: ConvParams, act: Activation, residual: bool):
         self.folded = folded
         self.args = (list(p.padding), list(p.stride), list(p.dilation), p.groups)
-        self.unary, self.scalars, self.algo = _onednn_attrs(act)
+        self.unary, self.scalars, self.algo, self.after = _onednn_attrs(act, residual)
         op = _onednn_op()
         self.op, self.binary = getattr(op, "default", op), op.binary
         self.residual = residual
-        # oneDNN fuses only relu after the residual add ("Unary Fusion behavior undefined"
-        # for the others): those run as torch's own activation, in place, after it.
-        self.after_add = None
-        if residual and self.unary not in ("none", "relu"):
-            self.after_add = act
 
     def packed(self, x: Tensor) -> Tensor:
         return _packed_weight(self.folded, x, self.args)
@@ -128,15 +134,12 @@ class OneDNNEvalConv:
     def __call__(self, x: Tensor, w: Tensor, residual: Optional[Tensor]) -> Tensor:
         padding, stride, dilation, groups = self.args
         if residual is None:
-            return self.op(x, w, self.folded.bias, padding, stride, dilation, groups, self.unary,
-                           self.scalars, self.algo)
-        if self.after_add is not None:
+            y = self.op(x, w, self.folded.bias, padding, stride, dilation, groups, self.unary,
+                        self.scalars, self.algo)
+        else:
             y = self.binary(x, residual, w, self.folded.bias, padding, stride, dilation, groups,
                             "add", None, None, [], None)
-            return self.after_add.forward_(y)
-        return self.binary(x, residual, w, self.folded.bias, padding, stride, dilation, groups,
-                           "add", None, None if self.unary == "none" else self.unary,
-                           self.scalars, self.algo)
+        return y if self.after is None else self.after.forward_(y)
 
 
 class EagerBackend(Backend):
@@ -261,7 +264,7 @@ class EagerBackend(Backend):
         op = _onednn_op()
         if op is None:
             return None
-        unary, scalars, algo = _onednn_attrs(act)
+        unary, scalars, algo, after = _onednn_attrs(act, residual is not None)
         # The output layout must be eager's: channels_last iff the input or the weight is.
         channels_last = _is_channels_last(x) or _is_channels_last(folded.weight)
         key = (x.dtype, act.kind, residual is not None, channels_last, p.groups)
@@ -274,12 +277,13 @@ class EagerBackend(Backend):
             w = _packed_weight(folded, x, args) if channels_last else folded.weight
             b = folded.bias
             if residual is None:
-                return op(x, w, b, *args, unary, scalars, algo)
-            # oneDNN's binary post-op wants the residual in the output's layout.
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            other = residual.contiguous(memory_format=fmt)
-            return op.binary(x, other, w, b, *args, "add", None,
-                             None if unary == "none" else unary, scalars, algo)
+                y = op(x, w, b, *args, unary, scalars, algo)
+            else:
+                # oneDNN's binary post-op wants the residual in the output's layout.
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                other = residual.contiguous(memory_format=fmt)
+                y = op.binary(x, other, w, b, *args, "add", None, None, [], None)
+            return y if after is None else after.forward_(y)
         except RuntimeError:
             _refused.add(key)
             return None
