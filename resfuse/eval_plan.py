@@ -138,15 +138,6 @@ _ENV_KEY = (os.environ.encodekey("RESFUSE_BACKEND") if _ENV is not None
             and hasattr(os.environ, "encodekey") else None)
 
 
-def _requested(backend: Optional[str]) -> str:
-    """`dispatch.requested(backend)` (argument, scope, RESFUSE_BACKEND, else "auto"), with a
-    cheap answer for the common case where none is set."""
-    if backend is None and dispatch._scope.get() is None and (
-            _ENV_KEY is not None and _ENV_KEY not in _ENV):
-        return "auto"
-    return dispatch.requested(backend)
-
-
 def _build(x: Tensor, conv, bn, activation, residual, requested: str,
            backend: Optional[str]) -> Optional[_ConvPlan]:
     """A plan for this call, or None where it is not for the fast path."""
@@ -186,43 +177,59 @@ def _build(x: Tensor, conv, bn, activation, residual, requested: str,
     return plan
 
 
+# Looked up once: the per-call path below is what a batch-1 forward pays per conv.
+_Conv2d = nn.Conv2d
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_autocast_enabled = torch.is_autocast_enabled
+_scope_get = dispatch._scope.get
+
+
 def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
                 backend: Optional[str]) -> Optional[Tensor]:
     """act(bn(conv(x)) + residual) by the module's plan, in channels_last; None where the
     checked path must run instead (see the module's docstring)."""
-    if (bn.training or type(conv) is not nn.Conv2d or type(bn) not in _BN_TYPES
-            or type(x) is not Tensor or not x.is_cpu or torch.compiler.is_compiling()):
+    if (bn.training or type(conv) is not _Conv2d or type(bn) not in _BN_TYPES
+            or type(x) is not Tensor or not x.is_cpu or _is_compiling()):
         return None
-    try:
-        w, cb, bw, bb, rm, rv = _tensors(conv._parameters, bn._parameters, bn._buffers)
-    except KeyError:
-        return None
-    if torch.is_grad_enabled() and (
+    cps, bnp, bnb = conv._parameters, bn._parameters, bn._buffers
+    w, cb, bw, bb = cps["weight"], cps["bias"], bnp["weight"], bnp["bias"]
+    rm, rv = bnb["running_mean"], bnb["running_var"]
+    if _grad_enabled() and (
             x.requires_grad or (residual is not None and residual.requires_grad)
             or any(t is not None and t.requires_grad for t in (w, cb, bw, bb))):
         return None
-    if torch.is_autocast_enabled("cpu") or not eager._cpu_fused_conv:
+    if _autocast_enabled("cpu") or not eager._cpu_fused_conv:
         return None
-    requested = _requested(backend)
+    if backend is None and _scope_get() is None and _ENV_KEY is not None and _ENV_KEY not in _ENV:
+        requested = "auto"
+    else:
+        requested = dispatch.requested(backend)
     plan = _plans.get(id(conv))
+    if plan is not None:
+        # (`_versions`, written out: an absent tensor stands as `_ABSENT`)
+        cb_, bw_, bb_ = (_ABSENT if cb is None else cb, _ABSENT if bw is None else bw,
+                         _ABSENT if bb is None else bb)
+        versions = (w._version, cb_._version, bw_._version, bb_._version, rm._version,
+                    rv._version, w.data_ptr(), cb_.data_ptr(), bw_.data_ptr(), bb_.data_ptr(),
+                    rm.data_ptr(), rv.data_ptr())
     if (plan is None or w is not plan.w or cb is not plan.cb or bw is not plan.bw
             or bb is not plan.bb or rm is not plan.rm or rv is not plan.rv
-            or plan.versions != _versions(w, _present(cb), _present(bw), _present(bb), rm, rv)
-            or plan.dtype is not x.dtype
-            or plan.requested != requested or plan.residual != (residual is not None)
-            or (plan.act_arg is not activation and plan.act != as_activation(activation))
-            or plan.conv_ref() is not conv):
+            or plan.versions != versions or plan.dtype is not x.dtype
+            or plan.requested != requested or plan.residual is (residual is None)
+            or (plan.act_arg is not activation and plan.act != as_activation(activation))):
         plan = _build(x, conv, bn, activation, residual, requested, backend)
         if plan is None:
             return None
-    hit = plan.shapes.get(x.shape)
+    shape = x.shape
+    hit = plan.shapes.get(shape)
     if hit is None:
         hit = plan.entry(x)
         if hit is None:
             return None
     if hit is _REFUSED:
         return None
-    out_shape, w = hit
+    out_shape, packed = hit
     if residual is not None:
         if (residual.shape != out_shape or residual.dtype is not x.dtype or not residual.is_cpu
                 or type(residual) is not Tensor):
@@ -232,7 +239,7 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
     if not x.is_contiguous(memory_format=_CL):
         x = x.contiguous(memory_format=_CL)  # once, where a chain of fused convs starts
     try:
-        return plan.runner(x, w, residual)
+        return plan.runner(x, packed, residual)
     except RuntimeError:
-        plan.shapes[x.shape] = _REFUSED
+        plan.shapes[shape] = _REFUSED
         return None

@@ -118,12 +118,14 @@ class OneDNNEvalConv:
     and fold); `__call__` takes x and the residual already in channels_last. A call oneDNN
     refuses raises RuntimeError (the caller falls back to the plain pieces)."""
     __slots__ = ("folded", "args", "unary", "scalars", "algo", "op", "binary", "residual",
-                 "after")
+                 "after", "bias", "padding", "stride", "dilation", "groups")
 
     def __init__(self, folded, p: ConvParams, act: Activation, residual: bool):
         self.folded = folded
         self.args = (list(p.padding), list(p.stride), list(p.dilation), p.groups)
         self.unary, self.scalars, self.algo, self.after = _onednn_attrs(act, residual)
+        self.bias = folded.bias
+        self.padding, self.stride, self.dilation, self.groups = self.args
         op = _onednn_op()
         self.op, self.binary = getattr(op, "default", op), op.binary
         self.residual = residual
@@ -132,14 +134,16 @@ class OneDNNEvalConv:
         return _packed_weight(self.folded, x, self.args)
 
     def __call__(self, x: Tensor, w: Tensor, residual: Optional[Tensor]) -> Tensor:
-        padding, stride, dilation, groups = self.args
         if residual is None:
-            y = self.op(x, w, self.folded.bias, padding, stride, dilation, groups, self.unary,
-                        self.scalars, self.algo)
+            y = self.op(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                        self.unary, self.scalars, self.algo)
         else:
-            y = self.binary(x, residual, w, self.folded.bias, padding, stride, dilation, groups,
-                            "add", None, None, [], None)
-        return y if self.after is None else self.after.forward_(y)
+            y = self.binary(x, residual, w, self.bias, self.padding, self.stride, self.dilation,
+                            self.groups, "add", None, None, [], None)
+        after = self.after
+        if after is None:
+            return y
+        return y.relu_() if after.kind == "relu" else after.forward_(y)
 
 
 class EagerBackend(Backend):
