@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -100,6 +101,7 @@ class Case:
     nbytes: Optional[int] = None
     nbytes_eager: Optional[int] = None
     fused_calls: Optional[int] = None  # fused conv calls per timed call (the overhead case)
+    clock: Optional[Callable[[], float]] = None  # CPU: timed by this clock, not perf_counter
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -668,7 +670,9 @@ def overhead_case(s: Settings) -> Case:
     (`torch.ops.mkldnn._convolution_pointwise`) on the BN-folded weights prepacked by torch,
     then ReLU in place, as resfuse does — and against the eager chain. Each timed call runs
     the chain 10 times; the rows give microseconds per fused conv (`us_per_fused_call`), and
-    resfuse's row `python_overhead_us`: (resfuse - bare) per fused call. Run on one thread."""
+    resfuse's row `python_overhead_us`: (resfuse - bare) per fused call. Run on one thread and
+    timed by that thread's CPU time (`time.thread_time`), so that other load on the machine
+    (which deschedules the thread) does not count."""
     n_calls = OVERHEAD_CONVS * OVERHEAD_REPS
     c = 8
 
@@ -726,7 +730,7 @@ def overhead_case(s: Settings) -> Case:
 
     return Case("models", f"python overhead: {OVERHEAD_CONVS} fused conv1x1 {c}ch @1x1, "
                 f"x{OVERHEAD_REPS}", "eval", dict(x=[1, c, 1, 1]), OVERHEAD_REPS, build,
-                fused_calls=n_calls)
+                fused_calls=n_calls, clock=time.thread_time)
 
 
 def cases(suite: str, s: Settings) -> List[Case]:
