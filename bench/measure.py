@@ -32,8 +32,9 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call."""
+def time_once(fn: Callable[[], object], device: torch.device, clock=None) -> float:
+    """Milliseconds of one call (`clock`: on a CPU, another clock than perf_counter, e.g.
+    time.thread_time: the calling thread's CPU time, which other load does not stretch)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -41,13 +42,14 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end)
-    t0 = time.perf_counter()
+    clock = clock or time.perf_counter
+    t0 = clock()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     device: torch.device) -> Dict[str, List[float]]:
+                     device: torch.device, clock=None) -> Dict[str, List[float]]:
     """{name: [ms, ...]}: `warmup` uncounted calls of each, then `repeats` rounds of one call of
     each contestant in turn, the order rotating by one each round (no contestant always runs
     right after the same other one)."""
@@ -60,7 +62,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup:
     for r in range(repeats):
         for j in range(len(names)):
             name = names[(r + j) % len(names)]
-            times[name].append(time_once(fns[name], device))
+            times[name].append(time_once(fns[name], device, clock))
     return times
 
 

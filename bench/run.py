@@ -51,7 +51,7 @@ from resfuse.backend import AUTO_ORDER  # noqa: E402
 
 import measure  # noqa: E402
 import suites  # noqa: E402
-from suites import AUTOTUNE, COMPILE, EAGER  # noqa: E402
+from suites import AUTOTUNE, BARE_ONEDNN, COMPILE, EAGER, FREEZING  # noqa: E402
 
 SCHEMA = "resfuse-bench/2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -82,6 +82,11 @@ def parse(argv=None) -> argparse.Namespace:
                         "each available kernel backend other than the one auto takes first)")
     p.add_argument("--compile", default=None, choices=["off", "default", "max-autotune", "both"],
                    help="torch.compile contestants (default: 'default' on a GPU, 'off' on a CPU)")
+    p.add_argument("--freezing", action="store_true",
+                   help="models, eval: add torch.compile with inductor's freezing (weights as "
+                        "constants, BN folded, conv weights prepacked)")
+    p.add_argument("--mode", default=None,
+                   help="comma list of modes to run (eval, train_step, ...; default: all)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="models on a GPU: add the converted training step replayed from a CUDA graph")
     p.add_argument("--repeats", type=int, default=None, help="default: 30 on a GPU, 10 on a CPU")
@@ -132,6 +137,8 @@ def contestants(a: argparse.Namespace) -> tuple:
         names.append(COMPILE)
     if a.compile in ("max-autotune", "both"):
         names.append(AUTOTUNE)
+    if getattr(a, "freezing", False):
+        names.append(FREEZING)
     for b in wanted:
         if b != "auto" and status.get(b, "unknown backend") != "ok":
             skipped[f"resfuse[{b}]"] = status.get(b, "unknown backend")
@@ -190,7 +197,8 @@ def run_case(case: suites.Case, s: suites.Settings, env: dict) -> list:
         with patch:
             built = case.build(s)
             checks, source = built.checks, built.source
-            times = measure.time_interleaved(built.fns, s.repeats, s.warmup, s.device)
+            times = measure.time_interleaved(built.fns, s.repeats, s.warmup, s.device,
+                                             case.clock)
             # A graph replay allocates nothing (its pool is reserved at capture): no peak.
             peaks = {n: None if n.endswith("+cuda-graph") else measure.peak_memory(fn, s.device)
                      for n, fn in built.fns.items()}
@@ -227,7 +235,19 @@ def run_case(case: suites.Case, s: suites.Settings, env: dict) -> list:
                          peak_bytes=peaks[name], mem_saved_bytes=saved[name],
                          **checks.get(name, {}),
                          **({"model_source": source} if source else {})))
+    if case.fused_calls:
+        per_call_overhead(rows, case.fused_calls)
     return rows
+
+
+def per_call_overhead(rows: list, calls: int):
+    """The overhead case: microseconds per fused call of each contestant, and resfuse's
+    Python overhead per call over the bare oneDNN calls."""
+    us = {r["contestant"]: r["median_ms"] * 1e3 / calls for r in rows}
+    for r in rows:
+        r["us_per_fused_call"] = us[r["contestant"]]
+        if r["backend"] is not None and BARE_ONEDNN in us:
+            r["python_overhead_us"] = us[r["contestant"]] - us[BARE_ONEDNN]
 
 
 def finish_rows(rows: list, ceil: dict):
@@ -248,6 +268,8 @@ def finish_rows(rows: list, ceil: dict):
             r["mem_saved_vs_eager"] = (r["mem_saved_bytes"] / saved_eager
                                        if r.get("mem_saved_bytes") is not None and saved_eager
                                        else None)
+            if FREEZING in ref:
+                r["speedup_vs_freezing"] = ref[FREEZING] / r["median_ms"]
             if r.get("bytes") is not None and r.get("flops") is not None:
                 r.update(measure.roofline(r["bytes"], r["flops"], r["median_ms"], ceil, r["dtype"]))
 
@@ -290,11 +312,12 @@ def print_table(rows: list, out=sys.stdout):
 
 CSV_FIELDS = ("suite", "case", "mode", "contestant", "backend", "dtype", "layout", "batch",
               "image", "shapes", "median_ms", "p20_ms", "p80_ms", "repeats", "img_per_s",
-              "speedup_vs_eager", "speedup_vs_compile", "bytes", "bytes_eager", "flops", "gbs",
-              "tflops", "bound", "floor_ms", "frac_of_roofline", "peak_bytes", "mem_saved_bytes",
-              "mem_saved_vs_eager", "mem_budget_bytes", "mem_budget_batch",
-              "mem_budget_batch_vs_eager", "rel_err",
-              "rel_err_fp64", "judged_rel_err", "parity_ok", "error") + TAGS
+              "speedup_vs_eager", "speedup_vs_compile", "speedup_vs_freezing", "bytes",
+              "bytes_eager", "flops", "gbs", "tflops", "bound", "floor_ms", "frac_of_roofline",
+              "peak_bytes", "mem_saved_bytes", "mem_saved_vs_eager", "mem_budget_bytes",
+              "mem_budget_batch", "mem_budget_batch_vs_eager", "rel_err", "rel_err_fp64",
+              "judged_rel_err", "parity_ok", "us_per_fused_call", "python_overhead_us",
+              "error") + TAGS
 
 
 def write_results(result: dict, out_dir: str) -> tuple:
@@ -320,8 +343,9 @@ def main(argv=None) -> int:
     names, skipped = contestants(a)
     grid = [suites.Settings(a.device, dt, lay, b, a.image, names, a.repeats, a.warmup)
             for dt in a.dtypes for lay in a.layouts for b in a.batches]
+    modes = None if a.mode is None else set(_list(a.mode))
     plan = [(s, c) for s in grid for c in suites.cases(a.suite, s)
-            if a.only is None or a.only in c.name]
+            if (a.only is None or a.only in c.name) and (modes is None or c.mode in modes)]
     if a.list:
         for s, c in plan:
             print(f"{c.suite:7} {c.mode:10} {s.dtype_name:9} {s.layout:13} batch {s.batch:4}  {c.name}")
@@ -350,7 +374,8 @@ def main(argv=None) -> int:
     settings = dict(suite=a.suite, device=str(a.device), dtypes=[str(d)[6:] for d in a.dtypes],
                     layouts=a.layouts, batches=a.batches, image=a.image, contestants=names,
                     skipped_contestants=skipped, compile=a.compile, repeats=a.repeats,
-                    warmup=a.warmup, only=a.only, cudnn_benchmark=torch.backends.cudnn.benchmark,
+                    warmup=a.warmup, only=a.only, mode=a.mode, freezing=a.freezing,
+                    cudnn_benchmark=torch.backends.cudnn.benchmark,
                     memory_budget_gb=a.memory_budget,
                     parity_floor={str(k)[6:]: v for k, v in suites.FLOOR.items()},
                     model_parity_limit={str(k)[6:]: v for k, v in suites.MODEL_LIMIT.items()},

@@ -15,19 +15,24 @@ Contestants, all from the same run:
   torchvision's model (or `resfuse.models`' torchvision-compatible one) for models;
 - `torch.compile` and `torch.compile(max-autotune)`: eager under torch.compile;
 - `resfuse[<backend>]`: resfuse with that backend forced (`auto`: resfuse's own choice);
-- models only: `resfuse[auto]+compile` (the converted model under torch.compile) and, on a GPU,
-  `resfuse[auto]+cuda-graph` (the converted training step replayed from one CUDA graph).
+- models only: `resfuse[auto]+compile` (the converted model under torch.compile), on a GPU
+  `resfuse[auto]+cuda-graph` (the converted training step replayed from one CUDA graph), and
+  `torch.compile(freezing)` (eval only: eager under torch.compile with inductor's freezing,
+  `torch._inductor.config.freezing = True` around that contestant's calls alone: weights
+  become constants, BN is folded and conv weights are prepacked for oneDNN on a CPU).
 
 Suites: `ops` (conv-bn-act on ResNet-50's conv shapes in eval, training forward and training
 forward + backward; scale-bias-add-act forward, backward and eval at each stage's output shape),
 `blocks` (every distinct block of ResNet-18 and ResNet-50: training forward, training step and eval), `models`
 (converted ResNet-18 and ResNet-50: training step — forward, backward, SGD step — and eval),
-`quick` (a few of each: the default, under two minutes on a CPU), `all`.
+`quick` (a few of each: the default, under two minutes on a CPU), `all`. On a CPU the models
+suite also measures the Python overhead per fused conv call (`overhead_case`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -42,6 +47,8 @@ from counts import BlockShape, Chain, Conv
 
 SUITES = ("quick", "ops", "blocks", "models", "all", "memory")
 EAGER, COMPILE, AUTOTUNE = "eager", "torch.compile", "torch.compile(max-autotune)"
+FREEZING = "torch.compile(freezing)"
+BARE_ONEDNN = "oneDNN calls (bare)"
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "densenet121")
 # Models: the largest norm-wise relative error against eager in the same dtype of the logits
 # (and in training the running statistics and the loss); fp32 on a GPU convolves in TF32.
@@ -96,6 +103,8 @@ class Case:
     flops: Optional[int] = None
     nbytes: Optional[int] = None
     nbytes_eager: Optional[int] = None
+    fused_calls: Optional[int] = None  # fused conv calls per timed call (the overhead case)
+    clock: Optional[Callable[[], float]] = None  # CPU: timed by this clock, not perf_counter
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -145,12 +154,28 @@ def resfuse_backend(name: str) -> Optional[str]:
 
 def own_contestants(s: Settings) -> List[str]:
     """The contestants of an op or block case: the models suite's "+compile" and
-    "+cuda-graph" variants are whole-model ones."""
-    return [c for c in s.contestants if "+" not in c]
+    "+cuda-graph" variants and freezing are whole-model ones."""
+    return [c for c in s.contestants if "+" not in c and c != FREEZING]
 
 
 def compile_mode(name: str) -> Optional[str]:
-    return {COMPILE: "default", AUTOTUNE: "max-autotune"}.get(name)
+    return {COMPILE: "default", AUTOTUNE: "max-autotune", FREEZING: "default"}.get(name)
+
+
+class FrozenCompiled(nn.Module):
+    """`model` under torch.compile with inductor's freezing, the setting scoped to this
+    module's calls (it is read when a graph compiles, at the first call and any recompile;
+    freezing applies to inference only: call under torch.no_grad())."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.compiled = compiled(model, "default")
+
+    def forward(self, x):
+        import torch._inductor.config as inductor_config
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
 
 
 def compiled(fn, mode: str):
@@ -557,6 +582,10 @@ def model_case(model_name: str, mode: str, s: Settings) -> Case:
             be = resfuse_backend(name)
             if name == EAGER:
                 m = plain
+            elif name == FREEZING:
+                if train:
+                    continue  # freezing is for inference
+                m = FrozenCompiled(copy.deepcopy(plain))
             elif name.endswith("+compile"):
                 m = compiled(_converted(plain, be), "default")
             elif name.endswith("+cuda-graph"):
@@ -634,8 +663,85 @@ def model_case(model_name: str, mode: str, s: Settings) -> Case:
 
 
 def models_cases(s: Settings, quick: bool = False) -> List[Case]:
-    return [model_case(m, mode, s) for m in (("resnet50",) if quick else MODELS)
-            for mode in ("train_step", "eval")]
+    out = [model_case(m, mode, s) for m in (("resnet50",) if quick else MODELS)
+           for mode in ("train_step", "eval")]
+    if s.device.type == "cpu" and not quick:
+        out.append(overhead_case(s))
+    return out
+
+
+# -- Python overhead per fused call (CPU) --------------------------------------------------------
+OVERHEAD_CONVS, OVERHEAD_REPS = 16, 10
+
+
+def overhead_case(s: Settings) -> Case:
+    """The Python overhead of one fused eval conv call on the CPU: a chain of 16 fused
+    conv(1x1) -> BN -> ReLU modules (`FusedConvBNAct`, what `convert` puts in place), 8 channels, on a batch-1 1x1 input (oneDNN's own work is
+    then near nothing), against the same 16 oneDNN calls made bare — torch's fused conv op
+    (`torch.ops.mkldnn._convolution_pointwise`) on the BN-folded weights prepacked by torch,
+    then ReLU in place, as resfuse does — and against the eager chain. Each timed call runs
+    the chain 10 times; the rows give microseconds per fused conv (`us_per_fused_call`), and
+    resfuse's row `python_overhead_us`: (resfuse - bare) per fused call. Run on one thread and
+    timed by that thread's CPU time (`time.thread_time`), so that other load on the machine
+    (which deschedules the thread) does not count."""
+    n_calls = OVERHEAD_CONVS * OVERHEAD_REPS
+    c = 8
+
+    def build(s: Settings) -> Built:
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(OVERHEAD_CONVS):
+            layers += [nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        plain = nn.Sequential(*layers)
+        _randomize_bn(plain)
+        plain = plain.to(s.device, s.dtype).eval()
+        fused = nn.Sequential(*[resfuse.FusedConvBNAct.from_modules(conv, bn, "relu")
+                                for conv, bn in zip(plain[0::3], plain[1::3])]).eval()
+        x = s.randn(1, c, 1, 1)
+        op = torch.ops.mkldnn._convolution_pointwise.default
+        args = ([0, 0], [1, 1], [1, 1], 1)
+        bare_layers = []
+        with torch.no_grad():
+            for conv, bn in zip(plain[0::3], plain[1::3]):
+                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+                w = conv.weight * scale.view(-1, 1, 1, 1)
+                b = bn.bias - bn.running_mean * scale
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), *args,
+                                                                    list(x.shape))
+                bare_layers.append((packed, b))
+
+        def bare(t):
+            for w, b in bare_layers:
+                t = op(t, w, b, *args, "none", [], None).relu_()
+            return t
+
+        def reps(f):
+            def run():
+                # One thread: oneDNN's parallel regions on a 1x1 image are all
+                # synchronisation, which other load on the machine stretches unevenly.
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    with torch.no_grad():
+                        for _ in range(OVERHEAD_REPS):
+                            y = f(x)
+                finally:
+                    torch.set_num_threads(threads)
+                return y
+            return run
+        fns = {EAGER: reps(plain), "resfuse[auto]": reps(fused), BARE_ONEDNN: reps(bare)}
+        with torch.no_grad():
+            want = plain(x)
+            checks = {EAGER: dict(rel_err=None, parity_ok=None)}
+            for name in ("resfuse[auto]", BARE_ONEDNN):
+                err = rel_err(fns[name](), want)
+                checks[name] = dict(rel_err=err, judged_rel_err=err,
+                                    parity_ok=bool(err <= MODEL_LIMIT[s.dtype]))
+        return Built(fns, checks)
+
+    return Case("models", f"python overhead: {OVERHEAD_CONVS} fused conv1x1 {c}ch @1x1, "
+                f"x{OVERHEAD_REPS}", "eval", dict(x=[1, c, 1, 1]), OVERHEAD_REPS, build,
+                fused_calls=n_calls, clock=time.thread_time)
 
 
 def cases(suite: str, s: Settings) -> List[Case]:

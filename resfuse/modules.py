@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import eval_plan
 from . import functional as RF
 from . import reference
 from .activations import ActivationLike, as_activation
@@ -128,6 +129,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 # The SyncBatchNorm classes: torch's and resfuse's.
 _SYNC_NORMS = (nn.SyncBatchNorm, SyncBatchNorm)
+eval_plan.register_bn_type(SyncBatchNorm)
 
 
 def _norm_layer(norm_layer, sync_bn: bool, process_group):
@@ -144,7 +146,13 @@ def _norm_layer(norm_layer, sync_bn: bool, process_group):
 def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation,
                         residual: Optional[Tensor] = None, backend: Optional[str] = None,
                         memory: str = "default") -> Tensor:
-    """act(bn(conv(x)) + residual) with the state of two existing modules."""
+    """act(bn(conv(x)) + residual) with the state of two existing modules. In eval mode on
+    the CPU, the module pair's eval plan (`resfuse.eval_plan`) answers where it can: checks
+    and backend choice made once per weight version, the result in channels_last."""
+    if not bn.training:
+        y = eval_plan.conv_bn_act(x, conv, bn, activation, residual, backend)
+        if y is not None:
+            return y
     x, conv_kw = _conv_args(conv, x)
     return RF.conv_bn_act(x, **conv_kw, **_bn_args(bn), activation=activation,
                           residual=residual, backend=backend, memory=memory)

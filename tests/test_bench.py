@@ -246,13 +246,44 @@ def test_list_and_bad_arguments():
     proc = run_bench("--suite", "all", "--list", "--device", "cpu")
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
-    assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 3 + 2 * 2} cases")
-    assert sum("blocks " in l for l in lines) == 45 and sum("models " in l for l in lines) == 4
+    # (models on a CPU: two models in two modes, and the Python overhead case)
+    assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 3 + 2 * 2 + 1} cases")
+    assert sum("blocks " in l for l in lines) == 45 and sum("models " in l for l in lines) == 5
     for bad in (["--dtype", "float8"], ["--layout", "nhwc"], ["--batch", "0"], ["--suite", "x"]):
         proc = run_bench(*bad, "--list", "--device", "cpu")
         assert proc.returncode == 2 and "error" in proc.stderr, bad
     proc = run_bench("--backends", "cuda", "--list", "--device", "cpu")
     assert "resfuse[cuda]" not in proc.stdout.splitlines()[-1]
+
+
+def test_models_suite_cpu_grid_listing():
+    """The CPU models suite's grid in one run: both layouts, batch 1 and 8, eager,
+    torch.compile default and with freezing, resfuse and resfuse under compile; --mode."""
+    proc = run_bench("--suite", "models", "--device", "cpu", "--layout", "nchw,channels_last",
+                     "--batch", "1,8", "--compile", "default", "--freezing", "--list")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == ("20 cases; contestants: eager, torch.compile, torch.compile(freezing), "
+                         "resfuse[auto], resfuse[auto]+compile")
+    proc = run_bench("--suite", "models", "--device", "cpu", "--mode", "eval", "--only",
+                     "resnet50", "--list")
+    assert proc.stdout.splitlines()[-1].startswith("1 cases")
+
+
+def test_python_overhead_case(tmp_path):
+    """The per-fused-call overhead case: checked against eager, microseconds per call and
+    resfuse's overhead over the bare oneDNN calls in its rows."""
+    proc = run_bench("--suite", "models", "--only", "python overhead", "--out", str(tmp_path),
+                     *TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {row["contestant"]: row for row in r["rows"]}
+    assert set(rows) == {"eager", "resfuse[auto]", "oneDNN calls (bare)"}
+    assert rows["resfuse[auto]"]["parity_ok"] and rows["oneDNN calls (bare)"]["parity_ok"]
+    bare, fused = rows["oneDNN calls (bare)"], rows["resfuse[auto]"]
+    assert fused["us_per_fused_call"] == pytest.approx(fused["median_ms"] * 1e3 / 160)
+    assert fused["python_overhead_us"] == pytest.approx(fused["us_per_fused_call"]
+                                                        - bare["us_per_fused_call"])
 
 
 # -- report and plots --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import resfuse
 import resfuse.functional as RF
-from resfuse import folding, models, reference
+from resfuse import eval_plan, folding, models, reference
 from resfuse.backend import eager
 from conftest import assert_honest, randomize_bn
 
@@ -17,8 +17,10 @@ from conftest import assert_honest, randomize_bn
 def onednn(request):
     old = eager.set_cpu_fused_conv(request.param)
     eager._refused.clear()
+    eval_plan.clear_plans()
     yield request.param
     eager.set_cpu_fused_conv(old)
+    eval_plan.clear_plans()
 
 
 def _eval_case(act, residual, layout, dtype=torch.float32, groups=1, stride=1, k=3):
@@ -48,8 +50,12 @@ def test_eval_inference_parity(act, residual, layout, onednn):
     activation = nn.LeakyReLU(0.1) if act == "leaky_relu" else act
     out, ref_lp, ref64 = _eval_case(activation, residual, layout)
     assert_honest(out, ref_lp, ref64, f"{act}")
-    # the output's memory format is eager's
-    assert out.stride() == ref_lp.stride(), (out.stride(), ref_lp.stride())
+    # A module's oneDNN path answers in channels_last (its eval plan, docs/cpu.md); the plain
+    # path in eager's memory format.
+    if onednn:
+        assert out.is_contiguous(memory_format=torch.channels_last), out.stride()
+    else:
+        assert out.stride() == ref_lp.stride(), (out.stride(), ref_lp.stride())
 
 
 @pytest.mark.parametrize("act", ["relu6", "hardswish", "hardsigmoid"])
@@ -117,6 +123,7 @@ def test_refused_case_falls_back_to_plain_ops(monkeypatch):
         return op
     monkeypatch.setattr(eager, "_onednn_op", refusing)
     eager._refused.clear()
+    eval_plan.clear_plans()
     out, ref_lp, ref64 = _eval_case("relu", True, "channels_last")
     assert_honest(out, ref_lp, ref64, "fallback")
     assert eager._refused
@@ -125,6 +132,7 @@ def test_refused_case_falls_back_to_plain_ops(monkeypatch):
 
 def test_missing_internal_op_falls_back(monkeypatch):
     monkeypatch.setattr(eager, "_onednn_op", lambda: None)
+    eval_plan.clear_plans()
     out, ref_lp, ref64 = _eval_case("silu", False, "channels_last")
     assert_honest(out, ref_lp, ref64, "no oneDNN op")
 

@@ -6,7 +6,14 @@ post-ops (`torch.ops.mkldnn._convolution_pointwise`: conv + bias + residual add 
 one call), the way `torch.compile`'s CPU freezing passes do. That internal op is not a public
 API: where it is missing, or refuses a case (dtype, activation, shapes), the plain
 conv -> add -> act pieces run instead, and the refusal is remembered so it costs one try.
+oneDNN's relu post-op turns NaN into 0 (torch's relu keeps NaN), and after the residual add
+oneDNN fuses no activation but relu: in those cases the activation runs as torch's own, in
+place, after oneDNN's conv (+ bias + add), so NaN and Inf propagate as in eager.
 `set_cpu_fused_conv(False)` turns the fast path off (tests check both paths).
+
+`OneDNNEvalConv` is the same call prepared once for a fold (post-op attributes resolved,
+weights packed into oneDNN's blocked layout per input shape) for the modules' per-module eval
+plans (`resfuse.eval_plan`): it always answers in channels_last, oneDNN's preferred layout.
 """
 from __future__ import annotations
 
@@ -73,15 +80,78 @@ def _is_channels_last(t: Tensor) -> bool:
     return memory_format_of(t) == torch.channels_last
 
 
+# Packed weights kept per fold: one per input shape seen, up to this many (then started over).
+_MAX_PACKED = 16
+
+
 def _packed_weight(folded, x: Tensor, args) -> Tensor:
     """The folded weight in oneDNN's blocked layout for this input shape, made once per fold
     (it is what torch.compile's CPU freezing does; up to 2x faster on large 3x3 convs)."""
     key = ("onednn", tuple(x.shape), x.dtype)
     w = folded.packed.get(key)
     if w is None:
+        if len(folded.packed) >= _MAX_PACKED:
+            folded.packed.clear()
         w = torch._C._nn.mkldnn_reorder_conv2d_weight(folded.weight.to_mkldnn(), *args, list(x.shape))
         folded.packed[key] = w
     return w
+
+
+def _onednn_attrs(act: Activation, residual: bool):
+    """(unary, scalars, algorithm, after) of oneDNN's post-ops for an activation: `after` is
+    the activation torch applies (in place) after oneDNN's call, where oneDNN cannot give
+    eager's result: its relu (and leaky_relu with slope 0, and clip: relu6) turns NaN into 0, where
+    torch's keeps NaN; and after the residual add it fuses no activation but relu ("Unary
+    Fusion behavior undefined")."""
+    if act.kind in ("relu", "relu6") or (act.kind == "leaky_relu" and act.negative_slope == 0):
+        return "none", [], None, act
+    if residual and act.kind != "identity":
+        return "none", [], None, act
+    if act.kind not in _ONEDNN_UNARY and act.kind != "leaky_relu":
+        return "none", [], None, act  # no oneDNN post-op for it (mish)
+    if act.kind == "leaky_relu":
+        return "leaky_relu", [act.negative_slope], None, None
+    return _ONEDNN_UNARY[act.kind] + (None,)
+
+
+def onednn_eval_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused eval convolution may run on CPU tensors of `dtype` now (the
+    switch is on, this torch has the op, oneDNN takes the dtype)."""
+    return _cpu_fused_conv and dtype in (torch.float32, torch.bfloat16) and _onednn_op() is not None
+
+
+class OneDNNEvalConv:
+    """One folded eval conv prepared for oneDNN: y = act(conv(x, w', b') + residual), always
+    in channels_last. `packed(x)` gives the packed weight for x's shape (made once per shape
+    and fold); `__call__` takes x and the residual already in channels_last. A call oneDNN
+    refuses raises RuntimeError (the caller falls back to the plain pieces)."""
+    __slots__ = ("folded", "args", "unary", "scalars", "algo", "op", "binary", "residual",
+                 "after", "bias", "padding", "stride", "dilation", "groups")
+
+    def __init__(self, folded, p: ConvParams, act: Activation, residual: bool):
+        self.folded = folded
+        self.args = (list(p.padding), list(p.stride), list(p.dilation), p.groups)
+        self.unary, self.scalars, self.algo, self.after = _onednn_attrs(act, residual)
+        self.bias = folded.bias
+        self.padding, self.stride, self.dilation, self.groups = self.args
+        op = _onednn_op()
+        self.op, self.binary = getattr(op, "default", op), op.binary
+        self.residual = residual
+
+    def packed(self, x: Tensor) -> Tensor:
+        return _packed_weight(self.folded, x, self.args)
+
+    def __call__(self, x: Tensor, w: Tensor, residual: Optional[Tensor]) -> Tensor:
+        if residual is None:
+            y = self.op(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                        self.unary, self.scalars, self.algo)
+        else:
+            y = self.binary(x, residual, w, self.bias, self.padding, self.stride, self.dilation,
+                            self.groups, "add", None, None, [], None)
+        after = self.after
+        if after is None:
+            return y
+        return y.relu_() if after.kind == "relu" else after.forward_(y)
 
 
 class EagerBackend(Backend):
@@ -209,12 +279,7 @@ class EagerBackend(Backend):
         op = _onednn_op()
         if op is None:
             return None
-        if act.kind == "leaky_relu":
-            unary, scalars, algo = "leaky_relu", [act.negative_slope], None
-        elif act.kind in _ONEDNN_UNARY:
-            unary, scalars, algo = _ONEDNN_UNARY[act.kind]
-        else:
-            return None
+        unary, scalars, algo, after = _onednn_attrs(act, residual is not None)
         # The output layout must be eager's: channels_last iff the input or the weight is.
         channels_last = _is_channels_last(x) or _is_channels_last(folded.weight)
         key = (x.dtype, act.kind, residual is not None, channels_last, p.groups)
@@ -227,12 +292,13 @@ class EagerBackend(Backend):
             w = _packed_weight(folded, x, args) if channels_last else folded.weight
             b = folded.bias
             if residual is None:
-                return op(x, w, b, *args, unary, scalars, algo)
-            # oneDNN's binary post-op wants the residual in the output's layout.
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            other = residual.contiguous(memory_format=fmt)
-            return op.binary(x, other, w, b, *args, "add", None,
-                             None if unary == "none" else unary, scalars, algo)
+                y = op(x, w, b, *args, unary, scalars, algo)
+            else:
+                # oneDNN's binary post-op wants the residual in the output's layout.
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                other = residual.contiguous(memory_format=fmt)
+                y = op.binary(x, other, w, b, *args, "add", None, None, [], None)
+            return y if after is None else after.forward_(y)
         except RuntimeError:
             _refused.add(key)
             return None

@@ -1,0 +1,245 @@
+"""The CPU eval fast path of the modules: one prepared plan per fused conv, per weight version.
+
+A module's fused conv -> BN (running statistics) -> (+ residual) -> act in eval mode on the CPU
+is, once BN is folded, one oneDNN call. What costs at batch 1 is not that call but what comes
+around it: the argument checks, the backend choice, the fold's cache key and the op dispatch,
+tens of microseconds per conv. A plan does all of that once, for one conv module and BN module
+with given parameters and buffers, and then answers each call with a few identity and version
+comparisons and the oneDNN call itself.
+
+A plan is valid while all of these are what it was made with (else it is made again):
+* the identity, `_version` and storage of the conv's weight and bias and the BN's weight,
+  bias, running mean and running variance — an optimizer step, `load_state_dict`, an
+  in-place edit under `torch.no_grad()`, `module.to(...)` and a new Parameter each change one;
+* the activation, whether a residual is given, x's dtype, and the backend the call asks for
+  (`backend=`, the `use_backend` scope, RESFUSE_BACKEND), resolved to `eager`;
+* the oneDNN switch (`resfuse.backend.eager.set_cpu_fused_conv`).
+Per input shape it keeps the output shape (the shape checks ran for it once) and the weight
+packed for that shape.
+
+Layout: a plan runs the conv in channels_last, oneDNN's preferred layout, whatever the input's
+(an NCHW input is converted once, where a chain of fused convs starts) and hands back a
+channels_last tensor, so fused convs pass channels_last to one another; the values are eager's
+(see docs/cpu.md).
+
+Not planned (the ordinary checked path runs, with the same results): training-mode or
+untracked BN, gradients needed, torch.compile tracing, autocast, dtypes oneDNN lacks (fp64,
+fp16), a non-zero padding mode or an asymmetric "same" padding, modules other than exactly
+nn.Conv2d and a BatchNorm2d kind, an empty batch, a residual whose shape, dtype or device is
+not the output's (the checked path raises the error), and any case oneDNN refuses (remembered
+per shape).
+
+Edits that bypass version counters (`param.data.copy_(...)`, writes through `.numpy()`) are not
+seen by any cache of folded weights: call `clear_plans()` (and `resfuse.folding.clear_cache()`)
+after them.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from . import backend as dispatch
+from .activations import Activation, as_activation
+from .backend import eager
+from .backend.base import Case
+from . import folding
+from .validation import ResfuseInputError, check_bn, check_conv, check_input, conv_params
+
+Tensor = torch.Tensor
+_CL = torch.channels_last
+_MAX_SHAPES = 16  # input shapes remembered per plan (then started over)
+
+# id(conv module) -> _ConvPlan; the entry goes with the module (weakref.finalize).
+_plans: Dict[int, "_ConvPlan"] = {}
+_BN_TYPES: tuple = (nn.BatchNorm2d, nn.SyncBatchNorm)  # + resfuse's SyncBatchNorm (register_bn_type)
+_REFUSED = object()  # a shape oneDNN refused
+
+
+def register_bn_type(cls) -> None:
+    """Let plans read BatchNorm modules of `cls` (same parameters and buffers as nn.BatchNorm2d)."""
+    global _BN_TYPES
+    if cls not in _BN_TYPES:
+        _BN_TYPES = _BN_TYPES + (cls,)
+
+
+def clear_plans() -> None:
+    """Forget every plan (and so every packed weight they hold)."""
+    _plans.clear()
+
+
+# Stands for an absent tensor (a conv without bias, BN without affine) in a plan's key: its
+# version and storage never change.
+_ABSENT = torch.empty(0)
+
+
+def _tensors(conv_p: dict, bn_p: dict, bn_b: dict) -> tuple:
+    """The six tensors a plan folds: conv weight and bias, BN weight, bias and running stats."""
+    return (conv_p["weight"], conv_p["bias"], bn_p["weight"], bn_p["bias"],
+            bn_b["running_mean"], bn_b["running_var"])
+
+
+def _versions(w, cb, bw, bb, rm, rv) -> tuple:
+    """Version counter and storage of each tensor (`_ABSENT` for None): an in-place change
+    bumps the first, `module.to(...)` (which swaps `param.data`, keeping the Parameter and its
+    version) changes the second. Written out: this runs on every call."""
+    return (w._version, cb._version, bw._version, bb._version, rm._version, rv._version,
+            w.data_ptr(), cb.data_ptr(), bw.data_ptr(), bb.data_ptr(), rm.data_ptr(),
+            rv.data_ptr())
+
+
+def _present(t):
+    return _ABSENT if t is None else t
+
+
+class _ConvPlan:
+    __slots__ = ("conv_ref", "w", "cb", "bw", "bb", "rm", "rv", "versions", "act_arg",
+                 "act", "residual", "dtype", "requested", "runner", "shapes", "cp", "weight")
+
+    def __init__(self, conv, tensors, act_arg, act, residual, dtype, requested, runner, cp,
+                 weight):
+        self.conv_ref = weakref.ref(conv)
+        # (the tensors themselves are kept: they pin the identities compared per call)
+        self.w, self.cb, self.bw, self.bb, self.rm, self.rv = tensors
+        self.versions = _versions(*map(_present, tensors))
+        self.act_arg, self.act = act_arg, act
+        self.residual, self.dtype, self.requested = residual, dtype, requested
+        self.runner, self.cp, self.weight = runner, cp, weight
+        self.shapes: dict = {}  # x.shape -> (output shape, packed weight) or _REFUSED
+
+    def entry(self, x: Tensor):
+        """(output shape, packed weight) for x's shape, checked and packed on first sight;
+        None where the checked path must run instead."""
+        if len(self.shapes) >= _MAX_SHAPES:
+            self.shapes.clear()
+        shape = x.shape
+        if x.dim() != 4 or shape[0] == 0:
+            return None
+        try:
+            c_out, oh, ow = check_conv(x, self.weight, None, self.cp)
+        except ResfuseInputError:
+            return None  # the checked path raises it
+        try:
+            packed = self.runner.packed(x)
+        except RuntimeError:
+            self.shapes[shape] = _REFUSED
+            return None
+        hit = (torch.Size((shape[0], c_out, oh, ow)), packed)
+        self.shapes[shape] = hit
+        return hit
+
+
+# os.environ's own dict (encoded keys): `key in os.environ` costs an exception per miss.
+_ENV = getattr(os.environ, "_data", None)
+_ENV_KEY = (os.environ.encodekey("RESFUSE_BACKEND") if _ENV is not None
+            and hasattr(os.environ, "encodekey") else None)
+
+
+def _build(x: Tensor, conv, bn, activation, residual, requested: str,
+           backend: Optional[str]) -> Optional[_ConvPlan]:
+    """A plan for this call, or None where it is not for the fast path."""
+    if conv.padding_mode != "zeros" or bn.running_mean is None or bn.running_var is None:
+        return None
+    if not eager.onednn_eval_available(x.dtype):
+        return None
+    try:
+        act = as_activation(activation)
+        check_input(x)
+        cp = conv_params(conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if cp.pre_pad != (0, 0):
+            return None
+        c_out, _, _ = check_conv(x, conv.weight, conv.bias, cp)
+        check_bn(x, c_out, bn.weight, bn.bias, bn.running_mean, bn.running_var, None,
+                 bn.momentum, bn.eps, False, (2, c_out, 1, 1))
+        be = dispatch.select(Case("conv_bn_act", "cpu", x.dtype, True, cp.groups, False), backend)
+    except (ResfuseInputError, ValueError, TypeError, dispatch.BackendUnavailable):
+        return None  # the checked path gives the error
+    if be.name != "eager":
+        return None
+    tensors = _tensors(conv._parameters, bn._parameters, bn._buffers)
+    try:
+        _versions(*map(_present, tensors))
+    except RuntimeError:  # inference tensors have no version counter: no plan
+        return None
+    with torch.no_grad():
+        folded = folding.FoldedConv(*folding.fold(*tensors, bn.eps))
+    runner = eager.OneDNNEvalConv(folded, cp, act, residual is not None)
+    plan = _ConvPlan(conv, tensors, activation, act, residual is not None, x.dtype,
+                     requested, runner, cp, conv.weight)
+    key = id(conv)
+    old = _plans.get(key)
+    if old is None or old.conv_ref() is not conv:
+        weakref.finalize(conv, _plans.pop, key, None)
+    _plans[key] = plan
+    return plan
+
+
+# Looked up once: the per-call path below is what a batch-1 forward pays per conv.
+_Conv2d = nn.Conv2d
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_autocast_enabled = torch.is_autocast_enabled
+_scope_get = dispatch._scope.get
+
+
+def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
+                backend: Optional[str]) -> Optional[Tensor]:
+    """act(bn(conv(x)) + residual) by the module's plan, in channels_last; None where the
+    checked path must run instead (see the module's docstring)."""
+    if (bn.training or type(conv) is not _Conv2d or type(bn) not in _BN_TYPES
+            or type(x) is not Tensor or not x.is_cpu or _is_compiling()):
+        return None
+    cps, bnp, bnb = conv._parameters, bn._parameters, bn._buffers
+    w, cb, bw, bb = cps["weight"], cps["bias"], bnp["weight"], bnp["bias"]
+    rm, rv = bnb["running_mean"], bnb["running_var"]
+    if _grad_enabled() and (
+            x.requires_grad or (residual is not None and residual.requires_grad)
+            or any(t is not None and t.requires_grad for t in (w, cb, bw, bb))):
+        return None
+    if _autocast_enabled("cpu") or not eager._cpu_fused_conv:
+        return None
+    if backend is None and _scope_get() is None and _ENV_KEY is not None and _ENV_KEY not in _ENV:
+        requested = "auto"
+    else:
+        requested = dispatch.requested(backend)
+    plan = _plans.get(id(conv))
+    if plan is not None:
+        # (`_versions`, written out: an absent tensor stands as `_ABSENT`)
+        cb_, bw_, bb_ = (_ABSENT if cb is None else cb, _ABSENT if bw is None else bw,
+                         _ABSENT if bb is None else bb)
+        versions = (w._version, cb_._version, bw_._version, bb_._version, rm._version,
+                    rv._version, w.data_ptr(), cb_.data_ptr(), bw_.data_ptr(), bb_.data_ptr(),
+                    rm.data_ptr(), rv.data_ptr())
+    if (plan is None or w is not plan.w or cb is not plan.cb or bw is not plan.bw
+            or bb is not plan.bb or rm is not plan.rm or rv is not plan.rv
+            or plan.versions != versions or plan.dtype is not x.dtype
+            or plan.requested != requested or plan.residual is (residual is None)
+            or (plan.act_arg is not activation and plan.act != as_activation(activation))):
+        plan = _build(x, conv, bn, activation, residual, requested, backend)
+        if plan is None:
+            return None
+    shape = x.shape
+    hit = plan.shapes.get(shape)
+    if hit is None:
+        hit = plan.entry(x)
+        if hit is None:
+            return None
+    if hit is _REFUSED:
+        return None
+    out_shape, packed = hit
+    if residual is not None:
+        if (residual.shape != out_shape or residual.dtype is not x.dtype or not residual.is_cpu
+                or type(residual) is not Tensor):
+            return None  # the checked path converts or refuses it
+        if not residual.is_contiguous(memory_format=_CL):
+            residual = residual.contiguous(memory_format=_CL)
+    if not x.is_contiguous(memory_format=_CL):
+        x = x.contiguous(memory_format=_CL)  # once, where a chain of fused convs starts
+    try:
+        return plan.runner(x, packed, residual)
+    except RuntimeError:
+        plan.shapes[shape] = _REFUSED
+        return None
