@@ -3,10 +3,11 @@
     import resfuse
     report = resfuse.convert(model)      # swap torchvision/timm blocks for fused ones, in place
     resfuse.backends()                   # which backends can run here, and why not
+    model = resfuse.models.resnet50()    # torchvision's ResNet-50, where torchvision is absent
     y = resfuse.functional.conv_bn_act(x, w, None, bn_w, bn_b, rm, rv, training=True,
                                        activation="relu", residual=r, padding=1)
 """
-from . import functional, reference
+from . import functional, models, reference
 from .activations import Activation
 from .backend import BackendUnavailable, backends, use_backend
 from .convert import ConvertReport, NotFusable, convert, fuse_block, revert
@@ -17,7 +18,7 @@ from .sync_ops import SyncBNActConvFunction, SyncConvBNActFunction
 from .validation import ResfuseInputError
 from .version import __version__
 
-__all__ = ["functional", "reference", "Activation", "BackendUnavailable", "backends",
+__all__ = ["functional", "models", "reference", "Activation", "BackendUnavailable", "backends",
            "use_backend", "ConvertReport", "NotFusable", "convert", "fuse_block", "revert",
            "FusedBasicBlock", "FusedBottleneck", "FusedConvBNAct", "FusedResidualBlock",
            "SyncBatchNorm", "BNActConvFunction", "ConvBNActFunction", "OpConfig",
