@@ -6,7 +6,7 @@ block's training step, ResNet-18 in eval, ...) with its shapes and its byte and 
 contestant, and checks each contestant against eager on the same inputs before anything is
 timed: `rel_err` is the norm-wise relative error against eager in the run's dtype, the largest
 over outputs, running statistics and gradients; `rel_err_fp64` the same against eager in
-float64, judged tensor by tensor by STYLE.md's rule (at most twice eager's own error plus a
+float64, judged tensor by tensor by the tolerance rule (docs/design.md: at most twice eager's own error plus a
 floor) for ops and blocks; models are judged on the logits (and in training the running
 statistics and the loss) against eager; the CUDA-graph step is checked the same way.
 
@@ -112,7 +112,7 @@ def max_rel_err(got, want) -> float:
     return max(rel_err(g, w) for g, w in zip(got, want) if w is not None)
 
 
-# The tolerance rule of ../shared/STYLE.md: a contestant's error against the float64 eager
+# The tolerance rule (docs/design.md): a contestant's error against the float64 eager
 # result may be at most twice eager's own error in the run's dtype, plus this floor.
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 

@@ -115,7 +115,7 @@ class Backend:
     name = "pieces"
     # True for a backend whose conv applies BN + activation to its input as it loads it
     # (`bn_act_conv` never writes act(bn(x))): a residual block in training then runs as the
-    # chain of DESIGN.md section 1 (`resfuse.functional.fuses_block_chain`).
+    # chain of docs/design.md (`resfuse.functional.fuses_block_chain`).
     conv_prologue = False
     # True for a backend whose training forward is a chain of differentiable torch ops
     # (`conv_bn_act_chain` / `bn_act_conv_chain`) rather than the custom autograd Function.

@@ -7,7 +7,7 @@ Forward
   (BN folded) the bias, residual and activation are its epilogue: one kernel per conv.
 - BN: batch statistics, and scale-shift + residual + activation writing y and a 1-bit mask for
   relu / leaky_relu (the pre-activation for silu / gelu) (triton_kernels/bn_act.py).
-A residual block in training runs as DESIGN.md section 1's chain (`conv_prologue`, see
+A residual block in training runs as the fused chain of docs/design.md (`conv_prologue`, see
 `resfuse.modules.FusedResidualBlock`).
 
 Backward
