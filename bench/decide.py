@@ -84,6 +84,9 @@ class Plan:
         import resfuse
         status = resfuse.backends()
         ok = [b for b in KERNEL_BACKENDS if status.get(b) == "ok"]
+        if self.dry and "triton" not in ok:  # the dry run is there to run it
+            raise SystemExit(f"decide --dry-run: the triton backend does not run here: "
+                             f"{status.get('triton')}")
         return ok, {f"resfuse[{b}]": status.get(b) for b in KERNEL_BACKENDS if b not in ok}
 
     def stage_blocks(self) -> list:

@@ -48,6 +48,10 @@ if [ -z "$DRY" ]; then
 fi
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
+# resfuse.triton_kernels is the top-level triton_kernels/ folder (setup.py's package_dir); run
+# from the checkout (PYTHONPATH, no pip install) it needs the link an editable install makes.
+[ -e resfuse/triton_kernels ] || ln -s ../triton_kernels resfuse/triton_kernels
+
 if has decide; then
     t0=$(date +%s)
     if [ -z "$DRY" ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """resfuse against eager PyTorch and torch.compile: ops, blocks and whole ResNets, on this device.
 
-    python bench/run.py                                   # the quick suite (about 2 min on a 2-core CPU)
+    python bench/run.py                                   # the quick suite (about 2 min on 2 CPU cores)
     python bench/run.py --suite all --dtype bfloat16      # on a GPU: everything (not yet timed there)
     python bench/run.py --suite blocks --compile both --layout channels_last,nchw --batch 128,256
     python bench/run.py --suite ops --only scale-bias --list     # what would run, without running

@@ -22,7 +22,7 @@ Suites: `ops` (conv-bn-act on ResNet-50's conv shapes in eval, training forward 
 forward + backward; scale-bias-add-act forward, backward and eval at each stage's output shape),
 `blocks` (every distinct block of ResNet-18 and ResNet-50: training forward, training step and eval), `models`
 (converted ResNet-18 and ResNet-50: training step — forward, backward, SGD step — and eval),
-`quick` (a few of each: the default, under two minutes on a CPU), `all`.
+`quick` (a few of each: the default, about 2 min on 2 CPU cores), `all`.
 """
 from __future__ import annotations
 

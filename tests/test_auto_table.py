@@ -54,6 +54,15 @@ def test_a_failed_check_or_a_missing_block_disqualifies():
     assert report.auto_entries(run) == {}
 
 
+def test_a_backend_timed_only_as_auto_cannot_be_compared():
+    """A suite run times cuda as resfuse[auto]: with cuda available, triton alone decides nothing."""
+    run = _run({("eval", "resfuse[auto]"): (1, 1), ("eval", "resfuse[triton]"): (2, 2)})
+    run["env"]["backends"] = {"cuda": "ok", "triton": "ok", "eager": "ok"}
+    assert report.auto_entries(run) == {}
+    run["env"]["backends"]["cuda"] = "not available: resfuse._C not built"
+    assert report.auto_entries(run) == {("h100", False, "bfloat16", "channels_last"): "triton"}
+
+
 def test_cpu_runs_decide_nothing_and_the_newest_gpu_run_wins():
     assert report.auto_entries(_run({("eval", "resfuse[triton]"): (1, 1)}, device="AMD EPYC",
                                     device_type="cpu")) == {}
