@@ -71,10 +71,11 @@ if has decide; then
             table) limit=${DECIDE_TABLE_TIMEOUT:-20} ;;
         esac
         echo "== decide: $stage (timeout $limit s)" | tee -a "$OUT/decide.log"
+        from=$(( $(wc -l < "$OUT/decide.log") + 1 ))
         timeout -k 10 "$limit" $PY bench/decide.py "$stage" --out "$OUT" $DRY >> "$OUT/decide.log" 2>&1
         rc=$?
         [ $rc -eq 0 ] || { status=1; echo "decide $stage: exit $rc$( [ $rc -ge 124 ] && echo ' (timed out: what finished is kept)')" | tee -a "$OUT/decide.log"; }
-        [ "$stage" = table ] || grep -E "^(grid|bench):|FAIL|ERROR" "$OUT/decide.log" | tail -n 12
+        [ "$stage" = table ] || tail -n "+$from" "$OUT/decide.log" | grep -E "^(grid|bench|decide)|FAIL|ERROR|Error" | tail -n 12
     done
     [ -z "$(ls "$OUT"/*-decide-table-*.md 2>/dev/null)" ] || cat "$(ls -t "$OUT"/*-decide-table-*.md | head -n 1)"
     echo "decide: $(( $(date +%s) - t0 )) s; files in $OUT: $(ls "$OUT" | wc -l)"
