@@ -5,7 +5,7 @@ achieved compute (FLOPs / time), and the fraction of the roofline floor
 max(bytes / copy bandwidth, FLOPs / matmul peak) that its time reaches. Those counts come from
 here, from the shapes alone, and are the same for every contestant of a row.
 
-`Chain` describes what DESIGN.md section 1 fuses: a sequence of convolutions, each followed by
+`Chain` describes what the fused chain fuses (docs/design.md): a sequence of convolutions, each followed by
 BatchNorm, with ReLU after every one but the last; the last one's BN output gets the shortcut
 (none, identity, a projection conv + BN, or an external residual tensor) added and then ReLU.
 One convolution is the op `conv_bn_act`; no convolution at all is `bn_act` (scale-bias-add-act);
@@ -13,7 +13,7 @@ two or three are ResNet's basic and bottleneck blocks.
 
 Two schedules of memory passes are written out for each mode, each pass naming the tensors it
 reads and writes (each once):
-- `fused`: DESIGN.md section 1's design, the floor every contestant is measured against.
+- `fused`: the fused chain of docs/design.md, the floor every contestant is measured against.
   Training forward: each conv writes its raw output z and the BN statistics (epilogue); the next
   conv applies the previous BN + ReLU as it loads (prologue); one scale-bias-add-ReLU pass writes
   y and a 1-bit ReLU mask. Backward: one pass reads the upstream gradient, the mask and z (and
@@ -25,7 +25,7 @@ reads and writes (each once):
   z read twice), in-place ReLU, the residual add, and their backward ops (BN backward reads its
   gradient and z twice), and the sum of the two gradients where the shortcut forks.
 For a ResNet-50 stage-1 bottleneck (256-64-256 at 56x56, batch 256, bf16) these give 8.3 GB
-fused and 14.2 GB eager per training step, DESIGN.md section 6's figures.
+fused and 14.2 GB eager per training step, the figures of docs/design.md ("Targets").
 
 Counted: activations, their gradients, masks and weights (each read once per pass that needs
 them). Not counted: per-channel vectors (BN statistics and parameters: C values, negligible),
@@ -185,7 +185,7 @@ def _residual_source(c: Chain) -> Tuple[str, ...]:
     return {"none": (), "identity": ("x",), "projection": ("zd",), "external": ("r",)}[c.shortcut]
 
 
-# -- the fused design (DESIGN.md section 1) ----------------------------------------------------
+# -- the fused design (docs/design.md) --------------------------------------------------------
 def _fused_train_fwd(c: Chain) -> List[Pass]:
     ps, inp = [], "x"
     for i, _ in enumerate(c.convs, 1):

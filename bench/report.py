@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Render the README's results section from the committed result files.
+"""Render the measured results from the committed result files, and `auto`'s table.
 
-    python bench/report.py            # rewrites README.md between the results markers
-    python bench/report.py --print    # prints the section instead
+    python bench/report.py            # rewrites the results sections of README.md (compact)
+                                      # and docs/benchmarks.md (every table), and
+                                      # resfuse/backend/measured.py (auto's measured choices)
+    python bench/report.py --print    # prints the full section instead
 
 Every figure comes from a JSON file under bench/results/ (bench/run.py's suites; also
 bench/cuda_kernels.py's kernel runs and the model-only runs of bench/run.py before the suites),
@@ -19,6 +21,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+README = os.path.join(ROOT, "README.md")
+DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
+MEASURED = os.path.join(ROOT, "resfuse", "backend", "measured.py")
 
 
 SCHEMA = "resfuse-bench/2"
@@ -29,12 +34,7 @@ def load(results_dir: str) -> list:
     suite (suites older than a newer `all` run of the same device type left out); the newest
     bench/cuda_kernels.py run per device; and older model-only runs (schema 1) only for a
     device type with no suite run."""
-    runs = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
-        with open(path) as f:
-            r = json.load(f)
-        r["_file"] = os.path.relpath(path, ROOT)
-        runs.append(r)
+    runs = read_all(results_dir)
     newest = {}
 
     def keep(key, r):
@@ -46,20 +46,36 @@ def load(results_dir: str) -> list:
             keep(("suite", r["env"]["device_type"], r["settings"]["suite"]), r)
         elif r.get("kind") == "cuda-kernels":  # bench/cuda_kernels.py: its own table
             keep(("cuda-kernels", r["env"]["device"], r["dtype"], r["layout"]), r)
+        elif r.get("kind") == "decide-grid":  # bench/decide.py's correctness grid
+            keep(("decide-grid", r["env"]["device"]), r)
+        elif r.get("kind") is not None:  # a kind this report does not know: not shown
+            continue
         elif r["env"]["device_type"] not in suite_types:  # bench/run.py before the suites
             s = r["settings"]
             keep((r["env"]["device_type"], s["model"], s["dtype"], s["layout"]), r)
     for key, r in list(newest.items()):
-        if key[0] == "suite" and key[2] != "all":
+        if key[0] == "suite" and key[2] not in ("all", "decide"):
             full = newest.get(("suite", key[1], "all"))
             if full is not None and full["env"]["date"] >= r["env"]["date"]:
                 del newest[key]
-    order = lambda r: (r.get("schema") != SCHEMA, r["env"].get("device_type") != "cuda",  # noqa: E731
-                       r.get("kind") == "cuda-kernels")
+    order = lambda r: (r.get("schema") != SCHEMA and r.get("kind") != "decide-grid",  # noqa: E731
+                       r["env"].get("device_type") != "cuda", r.get("kind") == "cuda-kernels")
     return sorted(sorted(newest.values(), key=lambda r: r["env"]["date"], reverse=True), key=order)
 
 
+def read_all(results_dir: str) -> list:
+    """Every JSON result file under `results_dir`, oldest name first, each with `_file`."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        r["_file"] = os.path.relpath(path, ROOT)
+        runs.append(r)
+    return runs
+
+
 def render(runs: list) -> str:
+    """Every table of the shown runs (docs/benchmarks.md)."""
     if not runs:
         return "No results recorded yet."
     out = []
@@ -71,12 +87,18 @@ def render(runs: list) -> str:
             out += render_suite(r)
         elif r.get("kind") == "cuda-kernels":
             out += render_kernels(r)
+        elif r.get("kind") == "decide-grid":
+            out += render_grid(r)
         else:
             out += render_model_run(r)
     return "\n".join(out).rstrip()
 
 
 # -- bench/run.py suites ------------------------------------------------------------------------
+MODE_NAMES = {"train_step": "training step", "train_fwd": "training forward",
+              "train_bwd": "training backward", "eval": "eval"}
+
+
 def _x(v) -> str:
     return "" if v is None else f"{v:.2f}×"
 
@@ -95,7 +117,7 @@ def _find(rows, suite, case_prefix, mode, contestant):
 
 
 def targets(run: dict) -> list:
-    """DESIGN.md section 6's targets against this run: (target, measured, met) rows, for what
+    """The targets (docs/design.md, "Targets") against this run: (target, measured, met) rows, for what
     the run measured (the GPU targets at ResNet-50 stage-1 shapes)."""
     rows, out = run["rows"], []
     auto = "resfuse[auto]"
@@ -225,7 +247,7 @@ def render_suite(run: dict) -> list:
            ""]
     tg = targets(run)
     if tg:
-        out += ["| DESIGN.md §6 target | measured (resfuse[auto]) | met |", "| --- | ---: | :---: |"]
+        out += ["| target (docs/design.md) | measured (resfuse[auto]) | met |", "| --- | ---: | :---: |"]
         out += [f"| {t} | {m} | {ok} |" for t, m, ok in tg]
         out.append("")
     multi = len(s["dtypes"]) * len(s["layouts"]) * len(s["batches"]) > 1
@@ -243,7 +265,7 @@ def render_suite(run: dict) -> list:
                     [f"error: {r['error'][:80]}"]
                 out.append("| " + " | ".join(cells + [""] * (len(head) - len(cells))) + " |")
                 continue
-            cells = [r["case"], {"train_step": "training step", "eval": "eval"}[r["mode"]]]
+            cells = [r["case"], MODE_NAMES.get(r["mode"], r["mode"])]
             cells += [f"{r['dtype']}, {r['layout']}, {r['batch']}"] if multi else []
             cells += [r["contestant"], _ms(r["median_ms"]), f"{_ms(r['p20_ms'])}–{_ms(r['p80_ms'])}",
                       f"{r['img_per_s']:,.0f}" if r["img_per_s"] >= 100 else f"{r['img_per_s']:.1f}",
@@ -320,6 +342,196 @@ def render_kernels(r: dict) -> list:
     return out
 
 
+# -- bench/decide.py's correctness grid ----------------------------------------------------------
+def _grid_counts(r: dict) -> dict:
+    """{contestant: (passed, checked)}; errors count as failed under the key 'error'."""
+    got = {}
+    for row in r["rows"]:
+        name = row.get("contestant") or "error"
+        ok, n = got.get(name, (0, 0))
+        got[name] = (ok + bool(row.get("parity_ok")), n + 1)
+    return got
+
+
+def render_grid(r: dict) -> list:
+    e, s = r["env"], r["settings"]
+    counts = "; ".join(f"{k}: {ok} of {n} pass" for k, (ok, n) in _grid_counts(r).items())
+    out = [f"**Correctness grid** (`bench/decide.py grid`) — {e['device']}, resfuse @ "
+           f"`{e['commit']}`, {e['date'][:10]}; the ResNet-50 stage blocks, training and eval, "
+           f"fp32/bf16 × channels_last/NCHW (sampled), batch {s['batch']}, against eager in "
+           f"float64 tensor by tensor ([`{r['_file']}`]({r['_file']})): {counts or 'nothing ran'}"
+           + ("" if s.get("complete") else " (incomplete run)") + ".", ""]
+    fails = [row for row in r["rows"] if not row.get("parity_ok")]
+    if fails:
+        out += ["| block | mode | dtype | layout | contestant | error vs fp64 eager |",
+                "| --- | --- | --- | --- | --- | ---: |"]
+        for row in fails:
+            err = (row.get("error") or "")[:80] or f"{row['rel_err_fp64']:.1e}"
+            out.append(f"| {row['case']} | {row['mode']} | {row['dtype']} | {row['layout']} | "
+                       f"{row.get('contestant') or 'error'} | {err} |")
+        out.append("")
+    return out
+
+
+# -- the front page: one compact table per run -----------------------------------------------------
+def _front_suite(r: dict) -> list:
+    e, s = r["env"], r["settings"]
+    suites = ("models", "blocks") if s["suite"] == "decide" else ("models",)
+    rows = [x for x in r["rows"] if x.get("suite") in suites]
+    others = [c for c in s["contestants"] if c != "eager"]
+    dev = e["device"] + ("" if e.get("device_type") == "cuda" else f" ({e.get('threads')} threads)")
+    out = [f"**{dev}** — suite `{s['suite']}`, {', '.join(s['dtypes'])}, "
+           f"{', '.join(s['layouts'])}, batch {', '.join(map(str, s['batches']))}, image "
+           f"{s['image']}; `{e['commit']}`, {e['date'][:10]} ([`{os.path.basename(r['_file'])}`]"
+           f"({r['_file']})" + ("" if s.get("complete", True) else "; incomplete run") + ")", ""]
+    tg = [t for t in targets(r) if t[1] != "not measured"]
+    if tg:
+        out += ["| target (docs/design.md) | measured | met |", "| --- | ---: | :---: |"]
+        out += [f"| {t} | {m} | {ok} |" for t, m, ok in tg] + [""]
+    if rows:
+        out += ["| case | mode | eager ms | " + " | ".join(f"{c} vs eager" for c in others) + " |",
+                "| --- | --- | ---: |" + " ---: |" * len(others)]
+        groups = {}
+        for x in rows:
+            groups.setdefault((x["case"], x["mode"], x["dtype"], x["layout"], x["batch"]), []).append(x)
+        for (case, mode, *_), group in groups.items():
+            by = {x.get("contestant"): x for x in group}
+            err = next((x for x in group if x.get("error")), None)
+            if err is not None:
+                cells = [f"error: {err['error'][:60]}"] + [""] * len(others)
+            else:
+                cells = [_ms((by.get("eager") or {}).get("median_ms"))]
+                cells += [_x((by.get(c) or {}).get("speedup_vs_eager")) for c in others]
+            out.append(f"| {case} | {MODE_NAMES.get(mode, mode)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def _front_kernels(r: dict) -> list:
+    e = r["env"]
+    out = [f"**{e['device']}** — `bench/cuda_kernels.py`, CUDA backend, {r['dtype']}, "
+           f"{r['layout']}, batch {r['batch']}; `{e['commit']}`, {e['date'][:10]} "
+           f"([`{os.path.basename(r['_file'])}`]({r['_file']})): the ResNet-50 layer1 bottleneck "
+           f"(256-64-256, 56×56)", "",
+           "| mode | contestant | median ms | vs eager | vs torch.compile | peak memory |",
+           "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for row in r["rows"]:
+        if row["kind"].startswith("block_"):
+            mode = "training step" if row["kind"] == "block_train" else "eval"
+            out.append(f"| {mode} | {row['name']} | {row['ms']:.3f} | {row['speedup_vs_eager']:.2f}× "
+                       f"| {row['speedup_vs_compile']:.2f}× | {row['peak_bytes'] / 2**30:.2f} GiB |")
+    return out + [""]
+
+
+def render_front(runs: list) -> str:
+    """The README's results section: per shown run one compact table (whole models; on a GPU
+    also the stage blocks), the targets it measured, and the grid's verdict; every table is in
+    docs/benchmarks.md."""
+    if not runs:
+        return "No results recorded yet."
+    out = []
+    if not any(r.get("schema") == SCHEMA and r["env"]["device_type"] == "cuda" for r in runs):
+        out += ["No GPU run of the benchmark suite or of `bench/decide.py` is recorded yet.", ""]
+    for r in runs:
+        if r.get("schema") == SCHEMA:
+            out += _front_suite(r)
+        elif r.get("kind") == "cuda-kernels":
+            out += _front_kernels(r)
+        elif r.get("kind") == "decide-grid":
+            out += render_grid(r)[:1] + [""]
+    out.append("Every table, the kernels one by one and the plots: "
+               "[docs/benchmarks.md](docs/benchmarks.md#measured).")
+    return "\n".join(out).rstrip()
+
+
+# -- auto's measured table (resfuse/backend/measured.py) --------------------------------------------
+AUTO_BACKENDS = ("cuda", "triton", "eager")
+
+
+def auto_entries(run: dict) -> dict:
+    """{(GPU kind, training, dtype, layout): backend} from one GPU run's block rows: per mode
+    (training step, eval), dtype and layout, the resfuse backend with the least total time over
+    the blocks, among those measured on every one of them with their checks passed, where
+    every kernel backend available in the run was timed under its own name. Empty for a CPU
+    run (auto is eager there) and where no backend qualifies."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from measure import device_slug
+    if run.get("schema") != SCHEMA or run["env"].get("device_type") != "cuda":
+        return {}
+    kind = device_slug(run["env"])
+    groups = {}
+    for r in run["rows"]:
+        if r.get("suite") != "blocks" or r.get("mode") not in ("train_step", "eval"):
+            continue
+        groups.setdefault((kind, r["mode"] != "eval", r["dtype"], r["layout"]), []).append(r)
+    # A kernel backend available in the run but timed only as resfuse[auto] (the suites' way)
+    # cannot be compared by name: then the run decides nothing for that key.
+    available = [b for b in ("cuda", "triton")
+                 if (run["env"].get("backends") or {}).get(b) == "ok"]
+    out = {}
+    for key, rows in groups.items():
+        cases = {(r["case"], r["batch"]) for r in rows}
+        named = {b: {(r["case"], r["batch"]) for r in rows if r.get("contestant") == f"resfuse[{b}]"}
+                 for b in available}
+        if any(named[b] != cases for b in available):
+            continue
+        total = {}
+        for b in AUTO_BACKENDS:
+            got = {(r["case"], r["batch"]): r["median_ms"] for r in rows
+                   if r.get("contestant") == f"resfuse[{b}]" and r.get("median_ms")
+                   and r.get("parity_ok") is True and not r.get("error")}
+            if set(got) == cases:
+                total[b] = sum(got.values())
+        if total:
+            out[key] = min(total, key=total.get)
+    return out
+
+
+def auto_table(runs: list) -> dict:
+    """{key: (backend, result file)}: for each key, the newest committed GPU run that decides it."""
+    table, when = {}, {}
+    for r in runs:
+        for key, backend in auto_entries(r).items():
+            if key not in when or r["env"]["date"] > when[key]:
+                table[key], when[key] = (backend, r["_file"]), r["env"]["date"]
+    return table
+
+
+def render_measured_py(table: dict) -> str:
+    body = "".join(f"    {k!r}: {v!r},\n" for k, v in sorted(table.items()))
+    return ('"""The backends `auto` takes where a committed benchmark measured them fastest.\n\n'
+            "Generated by `python bench/report.py` from the GPU result files under bench/results/ (the\n"
+            "block rows of each resfuse backend; docs/backends.md says how): do not edit by hand. Keys:\n"
+            "(GPU kind, training, dtype, layout) -> (backend, the result file it was measured in).\n"
+            '"""\n\n' + ("TABLE = {\n" + body + "}\n" if table else "TABLE = {}\n"))
+
+
+def relink(section: str, path: str) -> str:
+    """`section`'s repository-relative links (bench/..., docs/...) made relative to `path`'s
+    folder (docs/benchmarks.md links ../bench/results/...)."""
+    up = os.path.relpath(ROOT, os.path.dirname(os.path.abspath(path)))
+    if up == ".":
+        return section
+    for folder in ("bench/", "docs/"):
+        section = section.replace(f"]({folder}", f"]({up}/{folder}")
+    return section
+
+
+def _replace_section(path: str, section: str) -> bool:
+    section = relink(section, path)
+    with open(path) as f:
+        text = f.read()
+    if START not in text or END not in text:
+        print(f"{path}: no {START} ... {END} markers", file=sys.stderr)
+        return False
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{START}\n{section}\n{END}{tail}")
+    print(f"updated {os.path.relpath(path)}")
+    return True
+
+
 def make_missing_plots(results_dir: str):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import plots
@@ -340,28 +552,25 @@ def make_missing_plots(results_dir: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--readme", default=README, help="gets the compact section")
+    ap.add_argument("--docs", default=DOCS, help="gets every table")
+    ap.add_argument("--measured", default=MEASURED, help="auto's table (a Python module)")
     ap.add_argument("--print", action="store_true", dest="print_only")
     ap.add_argument("--plots", action="store_true",
                     help="write the PNG plots of suite results that have none (needs matplotlib)")
     args = ap.parse_args(argv)
     if args.plots:
         make_missing_plots(args.results)
-    section = render(load(args.results))
+    runs = load(args.results)
     if args.print_only:
-        print(section)
+        print(render(runs))
         return 0
-    with open(args.readme) as f:
-        text = f.read()
-    if START not in text or END not in text:
-        print(f"{args.readme}: no {START} ... {END} markers", file=sys.stderr)
-        return 1
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    with open(args.readme, "w") as f:
-        f.write(f"{head}{START}\n{section}\n{END}{tail}")
-    print(f"updated {os.path.relpath(args.readme)}")
-    return 0
+    ok = _replace_section(args.readme, render_front(runs))
+    ok = _replace_section(args.docs, render(runs)) and ok if os.path.exists(args.docs) else ok
+    with open(args.measured, "w") as f:
+        f.write(render_measured_py(auto_table(read_all(args.results))))
+    print(f"updated {os.path.relpath(args.measured)}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

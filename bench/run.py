@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """resfuse against eager PyTorch and torch.compile: ops, blocks and whole ResNets, on this device.
 
-    python bench/run.py                                   # the quick suite (under 2 min on a CPU)
+    python bench/run.py                                   # the quick suite (about 2 min on 2 CPU cores)
     python bench/run.py --suite all --dtype bfloat16      # on a GPU: everything (not yet timed there)
     python bench/run.py --suite blocks --compile both --layout channels_last,nchw --batch 128,256
     python bench/run.py --suite ops --only scale-bias --list     # what would run, without running
@@ -14,13 +14,14 @@ or torchvision's model), torch.compile (default; max-autotune with --compile max
 both), and resfuse with each available backend.
 
 Every case is first checked (bench/suites.py: ops and blocks tensor by tensor against eager in
-float64 by STYLE.md's rule; models on logits, running statistics and loss against eager), then
+float64 by the tolerance rule of docs/design.md; models on logits, running statistics and loss against eager), then
 timed: contestants interleaved, warm-up excluded, inputs rotated past the last-level cache,
 CUDA events on a GPU; median with 20th/80th percentiles; peak memory on a GPU. The copy
 bandwidth and compute ceiling of the device are measured at the start of the run, and each row
 is reported against them (bench/counts.py gives each case's bytes and FLOPs from its shapes).
 
-Writes DIR/<date>-<device>-<suite>-<commit>.json and .csv after every case (every row tagged
+Writes DIR/<date>-<device>-<suite>-<commit>.json and .csv (a -2, -3, ... suffix where a
+run of the same day and commit is there already) after every case (every row tagged
 with device, driver, versions, commit, dtype, layout and shapes; a run cut short keeps its rows,
 marked incomplete) and, where matplotlib is installed, PNG
 plots (bench/plots.py); prints a table. `python bench/report.py` renders the README's results
@@ -320,9 +321,21 @@ CSV_FIELDS = ("suite", "case", "mode", "contestant", "backend", "dtype", "layout
               "error") + TAGS
 
 
-def write_results(result: dict, out_dir: str) -> tuple:
+def fresh_stem(out_dir: str, stem: str) -> str:
+    """`stem`, or `stem-2`, `stem-3`, ... : the first whose JSON and CSV are not in `out_dir`
+    yet, so a second run on the same day and commit never replaces the first one's files."""
+    name, n = stem, 1
+    while any(os.path.exists(os.path.join(out_dir, name + ext)) for ext in (".json", ".csv")):
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
+def write_results(result: dict, out_dir: str, stem: str = None) -> tuple:
+    """The run's JSON and CSV as `out_dir/<stem>.{json,csv}` (rewritten after every case: the
+    stem is chosen once per run, by `fresh_stem`)."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = measure.result_stem(result)
+    stem = stem or measure.result_stem(result)
     jpath = os.path.join(out_dir, stem + ".json")
     with open(jpath, "w") as f:
         json.dump(result, f, indent=1)
@@ -382,6 +395,7 @@ def main(argv=None) -> int:
                     cases=len(plan), complete=False, stopped=None, seconds=None)
     result = dict(schema=SCHEMA, env=env, ceilings=ceil, settings=settings, rows=[])
     rows = result["rows"]
+    stem = fresh_stem(a.out, measure.result_stem(result))  # never an earlier run's files
 
     def on_sigterm(signum, frame):  # e.g. `timeout`: end like Ctrl-C, keeping what was measured
         raise KeyboardInterrupt(f"signal {signum}")
@@ -394,7 +408,7 @@ def main(argv=None) -> int:
             rows += run_case(case, s, env)
             finish_rows(rows, ceil)
             settings["seconds"] = round(time.monotonic() - t0, 1)
-            write_results(result, a.out)  # after every case: a killed run keeps its rows
+            write_results(result, a.out, stem)  # after every case: a killed run keeps its rows
         if a.memory_budget is not None and a.suite == "memory":
             import memory
             for s in {(g.dtype, g.layout): g for g in grid}.values():  # (not per batch)
@@ -402,7 +416,7 @@ def main(argv=None) -> int:
                 rows += memory.budget_rows(a.memory_budget, s, env, tags=TAGS,
                                            models=[m for m in suites.MODELS
                                                    if a.only is None or a.only in m])
-                write_results(result, a.out)
+                write_results(result, a.out, stem)
         settings["complete"] = True
     except (KeyboardInterrupt, DeviceBroken) as e:
         rows += getattr(e, "rows", [])
@@ -416,12 +430,18 @@ def main(argv=None) -> int:
     settings["seconds"] = round(time.monotonic() - t0, 1)
     print()
     print_table(rows)
-    jpath, cpath = write_results(result, a.out)
+    jpath, cpath = write_results(result, a.out, stem)
     print(f"\nwrote {os.path.relpath(jpath)} and {os.path.relpath(cpath)} "
           f"({result['settings']['seconds']:.0f} s)")
+    plots_failed = False
     if not a.no_plots:
         import plots
-        made = plots.make_plots(result, a.out)
+        try:
+            made = plots.make_plots(result, a.out, stem=stem)
+        except Exception as e:  # noqa: BLE001 - the results are written; a plot bug costs the plot
+            made, plots_failed = [], True
+            print(f"plots FAILED ({type(e).__name__}: {e}); the results above are written",
+                  file=sys.stderr)
         if made is None:
             print("plots: matplotlib is not installed (pip install 'resfuse[plots]')")
         for path in made or []:
@@ -435,7 +455,7 @@ def main(argv=None) -> int:
                f"plus the floor" if r.get("rel_err_fp64") is not None else
                f"relative error against eager {r['judged_rel_err']:.2e} above the limit")
         print(f"PARITY {r['case']} {r['mode']} {r['contestant']}: {why}", file=sys.stderr)
-    return 1 if errors or flagged or not settings["complete"] else 0
+    return 1 if errors or flagged or plots_failed or not settings["complete"] else 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ block's training step, ResNet-18 in eval, ...) with its shapes and its byte and 
 contestant, and checks each contestant against eager on the same inputs before anything is
 timed: `rel_err` is the norm-wise relative error against eager in the run's dtype, the largest
 over outputs, running statistics and gradients; `rel_err_fp64` the same against eager in
-float64, judged tensor by tensor by STYLE.md's rule (at most twice eager's own error plus a
+float64, judged tensor by tensor by the tolerance rule (docs/design.md: at most twice eager's own error plus a
 floor) for ops and blocks; models are judged on the logits (and in training the running
 statistics and the loss) against eager; the CUDA-graph step is checked the same way.
 
@@ -25,7 +25,7 @@ Suites: `ops` (conv-bn-act on ResNet-50's conv shapes in eval, training forward 
 forward + backward; scale-bias-add-act forward, backward and eval at each stage's output shape),
 `blocks` (every distinct block of ResNet-18 and ResNet-50: training forward, training step and eval), `models`
 (converted ResNet-18 and ResNet-50: training step — forward, backward, SGD step — and eval),
-`quick` (a few of each: the default, under two minutes on a CPU), `all`. On a CPU the models
+`quick` (a few of each: the default, about 2 min on 2 CPU cores), `all`. On a CPU the models
 suite also measures the Python overhead per fused conv call (`overhead_case`).
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def max_rel_err(got, want) -> float:
     return max(rel_err(g, w) for g, w in zip(got, want) if w is not None)
 
 
-# The tolerance rule of ../shared/STYLE.md: a contestant's error against the float64 eager
+# The tolerance rule (docs/design.md): a contestant's error against the float64 eager
 # result may be at most twice eager's own error in the run's dtype, plus this floor.
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 

@@ -1,6 +1,6 @@
 // Launchers of resfuse's CUDA kernels: raw pointers, sizes and a stream; no torch anywhere.
 //
-// The kernels compute the BN + residual + activation parts of the fused ops (DESIGN.md §1);
+// The kernels compute the BN + residual + activation parts of the fused ops (docs/design.md);
 // the convolutions go through cuDNN from the binding file (resfuse_ext.cpp), which checks the
 // arguments, allocates every output and workspace, and calls these launchers.
 //

@@ -467,7 +467,7 @@ def conv_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stri
 
 def fuses_block_chain(x: Tensor, backend: Optional[str] = None) -> bool:
     """Whether the backend that runs x's ops applies BN + activation in its convolutions'
-    prologue, so that a residual block in training is best run as DESIGN.md's chain
+    prologue, so that a residual block in training is best run as the fused chain (docs/design.md)
     (`conv_stats`, then `bn_act_conv(batch_stats=..., return_stats=True)` per conv, then
     `bn_act(batch_stats=..., residual=...)`): no normalized activation is ever written."""
     try:

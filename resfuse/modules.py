@@ -355,7 +355,7 @@ class FusedResidualBlock(reference.ResidualBlock):
         return ds(x)
 
     def _runs_chain(self, x: Tensor) -> bool:
-        """Whether this call runs as DESIGN.md's chain (`_chain_forward`): every BN uses batch
+        """Whether this call runs as the fused chain (docs/design.md) (`_chain_forward`): every BN uses batch
         statistics without synchronisation, every conv pads with zeros, the batch is not
         empty, and the backend runs blocks as the chain (`memory="low"`: on every backend)."""
         for conv, bn in self._pairs():
@@ -366,7 +366,7 @@ class FusedResidualBlock(reference.ResidualBlock):
         return x.shape[0] > 0 and (self._low or RF.fuses_block_chain(x, self.backend))
 
     def _chain_forward(self, x: Tensor) -> Tensor:
-        """The block as one chain (DESIGN.md section 1): each conv computes its output's batch
+        """The block as one chain (docs/design.md): each conv computes its output's batch
         statistics in its epilogue, and the next conv applies that BN + activation as it
         loads its input (prologue), so no normalized activation is written; the last BN,
         the residual add and the activation are one pass. Same results and side effects as

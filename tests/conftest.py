@@ -36,7 +36,7 @@ def _seed():
 
 def assert_honest(out: torch.Tensor, ref_lp: torch.Tensor, ref_64: torch.Tensor, what: str = ""):
     """The fused result may be at most twice as far from the float64 reference as the
-    same-dtype eager result is, plus a small per-dtype floor (STYLE.md)."""
+    same-dtype eager result is, plus a small per-dtype floor (docs/design.md)."""
     assert out.shape == ref_64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_64.shape)}"
     assert out.dtype == ref_lp.dtype, f"{what}: dtype {out.dtype} != {ref_lp.dtype}"
     scale = max(1.0, ref_64.abs().max().item())

@@ -29,7 +29,7 @@ TINY = ["--batch", "2", "--image", "32", "--repeats", "2", "--warmup", "0", "--d
 
 # -- counts ------------------------------------------------------------------------------------
 def test_design_roofline_figures():
-    """DESIGN.md section 6: a ResNet-50 stage-1 bottleneck training step at batch 256 in bf16
+    """The roofline figures of docs/design.md ("Targets"): a ResNet-50 stage-1 bottleneck training step at batch 256 in bf16
     moves about 14.2 GB unfused and 8.3 GB fused; the stage-4 block is about 0.42 ms of
     tensor-core time at 800 TFLOP/s."""
     stage1 = BlockShape("resnet50", 1, 256, 64, 1, True, 56).chain(256, 2)
@@ -179,10 +179,20 @@ def run_bench(*args, timeout=600):
 
 
 def test_quick_suite_end_to_end(tmp_path):
-    proc = run_bench("--suite", "quick", "--out", str(tmp_path), *TINY)
+    """./run.sh bench's default run (tiny), plots included where matplotlib is installed."""
+    proc = run_bench("--suite", "quick", "--out", str(tmp_path),
+                     *[t for t in TINY if t != "--no-plots"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (jpath,) = tmp_path.glob("*.json")
     (cpath,) = tmp_path.glob("*.csv")
+    stem = jpath.name[:-len(".json")]
+    try:
+        import matplotlib  # noqa: F401
+        for kind in ("speedup", "roofline"):
+            with open(tmp_path / f"{stem}-{kind}.png", "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert "matplotlib is not installed" in proc.stdout
     r = json.loads(jpath.read_text())
     assert r["schema"] == "resfuse-bench/2"
     assert {"device", "device_type", "driver", "torch", "triton", "cuda", "commit", "date",
@@ -218,15 +228,27 @@ def test_quick_suite_end_to_end(tmp_path):
     assert json.loads(table[0]["shapes"]) == r["rows"][0]["shapes"]
     assert "vs eager" in proc.stdout and "ceilings" in proc.stdout
 
-    # The README section renders from it.
-    readme = tmp_path / "README.md"
-    readme.write_text("x\n<!-- results:start -->\nold\n<!-- results:end -->\ny\n")
+    # The README's compact section, docs/benchmarks.md's full one and auto's table render
+    # from it.
+    readme, docs = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    for f in (readme, docs):
+        f.write_text("x\n<!-- results:start -->\nold\n<!-- results:end -->\ny\n")
+    measured = tmp_path / "measured.py"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), "--results",
-                           str(tmp_path), "--readme", str(readme)], capture_output=True, text=True)
+                           str(tmp_path), "--readme", str(readme), "--docs", str(docs),
+                           "--measured", str(measured)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    text = readme.read_text()
-    assert "old" not in text and text.endswith("y\n")
-    assert "CPU: ResNet-50 eval ≥ 1.2× eager" in text and "| resnet50 | training step | eager |" in text
+    text, full = readme.read_text(), docs.read_text()
+    assert "old" not in text + full and text.endswith("y\n") and full.endswith("y\n")
+    assert "CPU: ResNet-50 eval ≥ 1.2× eager" in text and "| resnet50 | training step |" in text
+    assert "| resnet50 | training step | eager |" in full and jpath.name in full
+    assert "TABLE = {}" in measured.read_text()  # a CPU run decides nothing
+
+    # A second run on the same day and commit gets a name of its own.
+    proc = run_bench("--suite", "quick", "--only", "scale-bias-add-relu", "--out", str(tmp_path),
+                     *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted([jpath.name, stem + "-2.json"])
 
 
 def test_compile_contestants_every_op_mode(tmp_path):
@@ -343,14 +365,17 @@ def test_plots(tmp_path):
 
 
 def test_committed_results_render():
-    """Every committed result file renders (the README is generated from them)."""
-    text = report.render(report.load(os.path.join(ROOT, "bench", "results")))
-    assert text and "Traceback" not in text
-    start, end = report.START, report.END
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    assert readme.split(start, 1)[1].split(end, 1)[0].strip() == text.strip(), \
-        "README.md's results section is stale: run python bench/report.py"
+    """Every committed result file renders; README.md's compact results section and
+    docs/benchmarks.md's full one are what bench/report.py makes of them now."""
+    runs = report.load(os.path.join(ROOT, "bench", "results"))
+    for path, text in ((report.README, report.render_front(runs)),
+                       (report.DOCS, report.render(runs))):
+        assert text and "Traceback" not in text
+        with open(path) as f:
+            page = f.read()
+        got = page.split(report.START, 1)[1].split(report.END, 1)[0].strip()
+        assert got == report.relink(text, path).strip(), \
+            f"{os.path.relpath(path, ROOT)}'s results section is stale: run python bench/report.py"
 
 
 # -- the checks and the run's robustness ---------------------------------------------------------

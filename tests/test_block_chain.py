@@ -1,4 +1,4 @@
-"""A residual block in training as DESIGN.md section 1's chain: each conv computes its output's
+"""A residual block in training as the fused chain of docs/design.md: each conv computes its output's
 batch statistics in its epilogue (`conv_stats`, `bn_act_conv(return_stats=True)`), the next
 conv applies that BN + activation as it loads its input (`bn_act_conv(batch_stats=...)`),
 and the last BN, the residual add and the activation are one pass (`bn_act(batch_stats=...)`).

@@ -6,7 +6,7 @@ recomputes the previous BN + ReLU as it loads x.
 
 On the CPU (Triton's interpreter) in fp32 at batch 1 with the spatial size cut to 8x8, every
 channel count, kernel, stride and group count as in the models; on a GPU at the models' own
-spatial size, batch 2, in fp32, fp16 and bf16 (STYLE.md's rule: at most twice eager's error
+spatial size, batch 2, in fp32, fp16 and bf16 (the tolerance rule of docs/design.md: at most twice eager's error
 from a float64 reference, plus a floor)."""
 import pytest
 import torch

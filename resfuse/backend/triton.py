@@ -8,7 +8,7 @@ Forward
 - BN: batch statistics, and scale-shift + residual + activation writing y and a 1-bit mask for
   relu / leaky_relu / relu6 / hardsigmoid (the pre-activation for silu / gelu / hardswish /
   mish) (triton_kernels/bn_act.py).
-A residual block in training runs as DESIGN.md section 1's chain (`conv_prologue`, see
+A residual block in training runs as the fused chain of docs/design.md (`conv_prologue`, see
 `resfuse.modules.FusedResidualBlock`).
 
 Backward
