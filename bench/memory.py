@@ -124,8 +124,12 @@ def memory_case(model_name: str, s: "suites.Settings") -> "suites.Case":
                        build)
 
 
+# The memory suite's networks (the models suite also has MobileNetV2 and DenseNet-121).
+MEMORY_MODELS = ("resnet18", "resnet50")
+
+
 def memory_cases(s: "suites.Settings", quick: bool = False) -> List["suites.Case"]:
-    return [memory_case(m, s) for m in (("resnet50",) if quick else suites.MODELS)]
+    return [memory_case(m, s) for m in (("resnet50",) if quick else MEMORY_MODELS)]
 
 
 # -- the budget search ---------------------------------------------------------------------------
@@ -183,11 +187,13 @@ def largest_batch(m: nn.Module, budget: int, s: "suites.Settings") -> dict:
     return dict(batch=lo, points=points, capped=hi is None)
 
 
-def budget_rows(budget_gb: float, s: "suites.Settings", env: dict, models=suites.MODELS,
-                tags=()) -> List[dict]:
-    """One row per model and contestant: the largest batch under `budget_gb` GB (1e9 bytes)."""
+def budget_rows(budget_gb: float, s: "suites.Settings", env: dict, models=MEMORY_MODELS,
+                tags=(), rows=None) -> List[dict]:
+    """One row per model and contestant: the largest batch under `budget_gb` GB (1e9 bytes),
+    appended to `rows` (a new list by default) as each is found, so that a run cut short
+    keeps those it found."""
     budget = int(budget_gb * 1e9)
-    rows = []
+    rows = [] if rows is None else rows
     for model_name in models:
         torch.manual_seed(0)
         plain, source = suites.build_model(model_name)
@@ -208,7 +214,8 @@ def budget_rows(budget_gb: float, s: "suites.Settings", env: dict, models=suites
                              mem_budget_points=found["points"],
                              mem_budget_capped=found["capped"]))
         for r in rows:
-            if r["case"].startswith(model_name) and r.get("mem_budget_batch") is not None:
+            if (r.get("mode") == "budget" and r["case"].startswith(model_name)
+                    and r.get("mem_budget_batch") is not None):
                 ref = next((q.get("mem_budget_batch") for q in rows
                             if q["case"] == r["case"] and q["contestant"] == suites.EAGER), None)
                 r["mem_budget_batch_vs_eager"] = (r["mem_budget_batch"] / ref) if ref else None

@@ -131,6 +131,19 @@ def targets(run: dict) -> list:
 
     def get(r, key):
         return None if r is None else r.get(key)
+    if run["settings"].get("suite") == "memory":  # bench/memory.py: the memory targets alone
+        for r in rows:
+            if r.get("case") != "resnet50" or r.get("mem_saved_vs_eager") is None:
+                continue
+            c = r["contestant"]
+            if c.endswith(":low") or c.endswith(":low+stem"):
+                add(f"ResNet-50 saved activations, {c} ≤ 0.55× eager",
+                    r["mem_saved_vs_eager"], at_most=0.55)
+            elif c.startswith("resfuse[") and not (  # (the CPU's eager backend: torch's chain)
+                    run["env"]["device_type"] == "cpu" and c in ("resfuse[auto]", "resfuse[eager]")):
+                add(f"ResNet-50 saved activations, {c} (default) ≤ 0.85× eager",
+                    r["mem_saved_vs_eager"], at_most=0.85)
+        return out
     if run["env"]["device_type"] == "cuda":
         side = max((r["shapes"]["x"][2] for r in rows
                     if r.get("case", "").startswith("scale-bias-add-relu 256 @")), default=None)

@@ -413,9 +413,9 @@ def main(argv=None) -> int:
             import memory
             for s in {(g.dtype, g.layout): g for g in grid}.values():  # (not per batch)
                 progress.step(f"memory · largest batch in {a.memory_budget:g} GB · {s.dtype_name}")
-                rows += memory.budget_rows(a.memory_budget, s, env, tags=TAGS,
-                                           models=[m for m in suites.MODELS
-                                                   if a.only is None or a.only in m])
+                memory.budget_rows(a.memory_budget, s, env, tags=TAGS, rows=rows,
+                                   models=[m for m in memory.MEMORY_MODELS
+                                           if a.only is None or a.only in m])
                 write_results(result, a.out, stem)
         settings["complete"] = True
     except (KeyboardInterrupt, DeviceBroken) as e:
