@@ -2,10 +2,9 @@
 the largest batch that fits a memory budget (`bench/run.py --suite memory [--memory-budget GB]`).
 
 Contestants: eager (the model as built), torch.compile where the run compiles, and for each
-resfuse backend of the run the converted model three ways: `resfuse[b]` (default mode),
-`resfuse[b]:low` (`convert(model, memory="low")`) and `resfuse[b]:low+stem` (low, with the
-stem's conv1 -> bn1 -> relu also one `FusedConvBNAct(memory="low")`, done here by hand: the
-converter does not fuse the stem in this version). Every row is a training step (forward,
+resfuse backend of the run the converted model two ways: `resfuse[b]` (default mode) and
+`resfuse[b]:low` (`convert(model, memory="low")`: the blocks and the stem's conv1 -> bn1 ->
+relu chain in low mode). Every row is a training step (forward,
 backward, SGD step) timed like the models suite's, checked against eager on the logits, the
 loss and the running statistics, with the bytes saved for backward (`measure.saved_for_backward`)
 and, on a GPU, the peak.
@@ -28,7 +27,7 @@ import measure
 import resfuse
 import suites
 
-LOW, LOW_STEM = ":low", ":low+stem"
+LOW = ":low"
 MOST_BATCH = 4096  # the search stops doubling here
 
 
@@ -40,17 +39,8 @@ def contestant_names(s: "suites.Settings") -> List[str]:
             continue
         out.append(name)
         if suites.resfuse_backend(name) is not None:
-            out += [name + LOW, name + LOW_STEM]
+            out.append(name + LOW)
     return out
-
-
-def _fuse_stem(model: nn.Module, backend) -> nn.Module:
-    """ResNet's stem conv1 -> bn1 -> relu as one low-memory fused op (in place): conv1
-    becomes a FusedConvBNAct around the same conv and bn; bn1 and relu become identities."""
-    stem = resfuse.FusedConvBNAct.from_modules(model.conv1, model.bn1, "relu", backend=backend,
-                                               memory="low")
-    model.conv1, model.bn1, model.relu = stem, nn.Identity(), nn.Identity()
-    return model
 
 
 def build_contestant(plain: nn.Module, name: str) -> nn.Module:
@@ -61,12 +51,9 @@ def build_contestant(plain: nn.Module, name: str) -> nn.Module:
         return suites.compiled(copy.deepcopy(plain), suites.compile_mode(name))
     m = copy.deepcopy(plain)
     backend = None if be == "auto" else be
-    low = name.endswith(LOW) or name.endswith(LOW_STEM)
-    report = resfuse.convert(m, backend=backend, memory="low" if low else "default")
+    report = resfuse.convert(m, backend=backend, memory="low" if name.endswith(LOW) else "default")
     if not report.swapped:
         raise RuntimeError(f"resfuse.convert fused nothing: {report}")
-    if name.endswith(LOW_STEM):
-        _fuse_stem(m, backend)
     return m
 
 

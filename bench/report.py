@@ -136,7 +136,7 @@ def targets(run: dict) -> list:
             if r.get("case") != "resnet50" or r.get("mem_saved_vs_eager") is None:
                 continue
             c = r["contestant"]
-            if c.endswith(":low") or c.endswith(":low+stem"):
+            if c.endswith(":low"):
                 add(f"ResNet-50 saved activations, {c} ≤ 0.55× eager",
                     r["mem_saved_vs_eager"], at_most=0.55)
             elif c.startswith("resfuse[") and not (  # (the CPU's eager backend: torch's chain)

@@ -114,12 +114,13 @@ class _ChainHead:
     preact: bool = False
 
     def _init_chain(self, bn_slot: nn.Module, activation: Activation, backend: Optional[str],
-                    members: list):
+                    members: list, memory: str = "default"):
         # Unregistered: the BN slot is registered where it sits; a second registration here
         # would add state-dict keys.
         object.__setattr__(self, "bn_slot", bn_slot)
         self.activation = activation
         self.backend = backend
+        self.memory = memory  # what training keeps for backward (docs/memory.md)
         object.__setattr__(self, "_chain_members", members)  # [(parent, name, slot, original)]
 
     def extra_repr(self) -> str:
@@ -134,7 +135,8 @@ class ChainConv(_ChainHead, nn.Conv2d):
         if x.dim() != 4:  # unbatched input: the plain modules' answer (BatchNorm2d refuses it)
             y = nn.Conv2d.forward(self, x)
             return self.activation.forward(nn.BatchNorm2d.forward(self.bn_slot, y))
-        return conv_bn_act_modules(x, self, self.bn_slot, self.activation, None, self.backend)
+        return conv_bn_act_modules(x, self, self.bn_slot, self.activation, None, self.backend,
+                                   self.memory)
 
 
 class PreActChainConv(_ChainHead, nn.Conv2d):
@@ -145,7 +147,8 @@ class PreActChainConv(_ChainHead, nn.Conv2d):
         if x.dim() != 4:
             a = self.activation.forward(nn.BatchNorm2d.forward(self.bn_slot, x))
             return nn.Conv2d.forward(self, a)
-        return bn_act_conv_modules(x, self.bn_slot, self, self.activation, None, self.backend)
+        return bn_act_conv_modules(x, self.bn_slot, self, self.activation, None, self.backend,
+                                   self.memory)
 
 
 def _conv1d_as_2d(conv: nn.Conv1d, x: Tensor):
@@ -170,7 +173,7 @@ class ChainConv1d(_ChainHead, nn.Conv1d):
             return self.activation.forward(nn.BatchNorm1d.forward(self.bn_slot, y))
         x2, kw = _conv1d_as_2d(self, x)
         y = RF.conv_bn_act(x2, **kw, **_bn_state(self.bn_slot), activation=self.activation,
-                           backend=self.backend)
+                           backend=self.backend, memory=self.memory)
         return y.squeeze(2)
 
 
@@ -184,7 +187,7 @@ class PreActChainConv1d(_ChainHead, nn.Conv1d):
             return nn.Conv1d.forward(self, a)
         x2, kw = _conv1d_as_2d(self, x)
         y = RF.bn_act_conv(x2, **_bn_state(self.bn_slot), **kw, activation=self.activation,
-                           backend=self.backend)
+                           backend=self.backend, memory=self.memory)
         return y.squeeze(2)
 
 
@@ -195,14 +198,14 @@ NORM_SLOT_TYPES = (ChainBatchNorm, ChainBatchNorm1d, ChainSyncBatchNorm)
 
 
 def conv_slot(conv: nn.Module, bn_slot: nn.Module, activation: Activation, preact: bool,
-              backend: Optional[str], members: list) -> nn.Module:
+              backend: Optional[str], members: list, memory: str = "default") -> nn.Module:
     """The fused slot for `conv` (exactly nn.Conv2d or nn.Conv1d), sharing its Parameters."""
     cls = _CONV_SLOTS[(type(conv), preact)]
     slot = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                device="meta")
     _share_state(slot, conv)
-    slot._init_chain(bn_slot, activation, backend, members)
+    slot._init_chain(bn_slot, activation, backend, members, memory)
     return _with_original(slot, conv)
 
 

@@ -404,7 +404,8 @@ class _Planner:
             ident.training = act.training
             members.append((parent, chain.act_name, ident, act))
         conv_slot = slots.conv_slot(conv, bn_slot, chain.activation,
-                                    chain.kind == graph_finder.PRE, self.backend, members)
+                                    chain.kind == graph_finder.PRE, self.backend, members,
+                                    self.memory)
         members.insert(0, (parent, chain.conv, conv_slot, conv))
         for p, n, new, _ in members:
             self.plan.append((p, n, new))
