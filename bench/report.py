@@ -43,7 +43,10 @@ def load(results_dir: str) -> list:
     suite_types = {r["env"]["device_type"] for r in runs if r.get("schema") == SCHEMA}
     for r in runs:
         if r.get("schema") == SCHEMA:
-            keep(("suite", r["env"]["device_type"], r["settings"]["suite"]), r)
+            # (a run restricted to some modes or cases, `--mode`, `--only`, stands beside the
+            # others)
+            keep(("suite", r["env"]["device_type"], r["settings"]["suite"],
+                  r["settings"].get("mode"), r["settings"].get("only")), r)
         elif r.get("kind") == "cuda-kernels":  # bench/cuda_kernels.py: its own table
             keep(("cuda-kernels", r["env"]["device"], r["dtype"], r["layout"]), r)
         elif r.get("kind") == "decide-grid":  # bench/decide.py's correctness grid
@@ -55,7 +58,7 @@ def load(results_dir: str) -> list:
             keep((r["env"]["device_type"], s["model"], s["dtype"], s["layout"]), r)
     for key, r in list(newest.items()):
         if key[0] == "suite" and key[2] not in ("all", "decide"):
-            full = newest.get(("suite", key[1], "all"))
+            full = newest.get(("suite", key[1], "all", None, None))
             if full is not None and full["env"]["date"] >= r["env"]["date"]:
                 del newest[key]
     order = lambda r: (r.get("schema") != SCHEMA and r.get("kind") != "decide-grid",  # noqa: E731
@@ -166,12 +169,29 @@ def targets(run: dict) -> list:
         add("ResNet-50 eval ≥ torch.compile", get(r, "speedup_vs_compile"), 1.0)
         add("peak training memory ≤ 0.75× eager (above the step's inputs)",
             peak / peak_eager if peak and peak_eager else None, at_most=0.75)
-    else:
-        r = _find(rows, "models", "resnet50", "eval", auto)
-        add("CPU: ResNet-50 eval ≥ 1.2× eager", get(r, "speedup_vs_eager"), 1.2)
-        r = _find(rows, "models", "resnet50", "train_step", auto)
-        add("CPU: ResNet-50 training within 5 % of eager (≥ 0.95×)", get(r, "speedup_vs_eager"),
-            0.95)
+    else:  # the CPU: converted models without a compile step, per layout and batch
+        def at(model, mode, layout, batch):
+            return next((x for x in rows if x.get("suite") == "models" and x.get("case") == model
+                         and x.get("mode") == mode and x.get("contestant") == auto
+                         and x.get("layout") == layout and x.get("batch") == batch), None)
+        for model, name in (("resnet50", "ResNet-50"), ("resnet18", "ResNet-18")):
+            for b in sorted({x["batch"] for x in rows if x.get("case") == model}):
+                r = at(model, "eval", "nchw", b)
+                if r is not None:
+                    add(f"CPU: {name} eval, NCHW, batch {b} ≥ 1.4× eager",
+                        r.get("speedup_vs_eager"), 1.4)
+                    if r.get("speedup_vs_freezing") is not None:
+                        add(f"CPU: {name} eval, NCHW, batch {b} ≥ torch.compile(freezing)",
+                            r["speedup_vs_freezing"], 1.0)
+                r = at(model, "eval", "channels_last", b)
+                if r is not None:
+                    add(f"CPU: {name} eval, channels_last, batch {b} ≥ 1.15× eager",
+                        r.get("speedup_vs_eager"), 1.15)
+                for layout in ("nchw", "channels_last"):
+                    r = at(model, "train_step", layout, b)
+                    if r is not None:
+                        add(f"CPU: {name} training step, {layout}, batch {b} within 5 % of "
+                            "eager (≥ 0.95×)", r.get("speedup_vs_eager"), 0.95)
     return out
 
 
@@ -407,7 +427,10 @@ def _front_suite(r: dict) -> list:
         groups = {}
         for x in rows:
             groups.setdefault((x["case"], x["mode"], x["dtype"], x["layout"], x["batch"]), []).append(x)
-        for (case, mode, *_), group in groups.items():
+        multi = len({k[2:] for k in groups}) > 1  # several dtypes, layouts or batches
+        for (case, mode, dtype, layout, batch), group in groups.items():
+            if multi:
+                case = f"{case} · {dtype} {layout} b{batch}"
             by = {x.get("contestant"): x for x in group}
             err = next((x for x in group if x.get("error")), None)
             if err is not None:

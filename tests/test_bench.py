@@ -240,7 +240,7 @@ def test_quick_suite_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text, full = readme.read_text(), docs.read_text()
     assert "old" not in text + full and text.endswith("y\n") and full.endswith("y\n")
-    assert "CPU: ResNet-50 eval ≥ 1.2× eager" in text and "| resnet50 | training step |" in text
+    assert "CPU: ResNet-50 eval, channels_last, batch" in text and "| resnet50 | training step |" in text
     assert "| resnet50 | training step | eager |" in full and jpath.name in full
     assert "TABLE = {}" in measured.read_text()  # a CPU run decides nothing
 
@@ -268,9 +268,9 @@ def test_list_and_bad_arguments():
     proc = run_bench("--suite", "all", "--list", "--device", "cpu")
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
-    # (models on a CPU: two models in two modes, and the Python overhead case)
-    assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 3 + 2 * 2 + 1} cases")
-    assert sum("blocks " in l for l in lines) == 45 and sum("models " in l for l in lines) == 5
+    # (models on a CPU: four models in two modes, and the Python overhead case)
+    assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 3 + 4 * 2 + 1} cases")
+    assert sum("blocks " in l for l in lines) == 45 and sum("models " in l for l in lines) == 9
     for bad in (["--dtype", "float8"], ["--layout", "nhwc"], ["--batch", "0"], ["--suite", "x"]):
         proc = run_bench(*bad, "--list", "--device", "cpu")
         assert proc.returncode == 2 and "error" in proc.stderr, bad
@@ -285,7 +285,8 @@ def test_models_suite_cpu_grid_listing():
                      "--batch", "1,8", "--compile", "default", "--freezing", "--list")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[-1] == ("20 cases; contestants: eager, torch.compile, torch.compile(freezing), "
+    # 4 models x 2 modes x 2 layouts x 2 batches, and the Python overhead case per layout/batch
+    assert lines[-1] == ("36 cases; contestants: eager, torch.compile, torch.compile(freezing), "
                          "resfuse[auto], resfuse[auto]+compile")
     proc = run_bench("--suite", "models", "--device", "cpu", "--mode", "eval", "--only",
                      "resnet50", "--list")

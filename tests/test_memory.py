@@ -228,8 +228,9 @@ def _model_saved_bytes(model, x):
 
 
 def _expected_model_bytes(plain, x, backend, memory):
-    """What the converted model keeps: the stem's (image, conv output, relu output, max-pool
-    indices), each block's promised list (its input being the previous block's output, kept
+    """What the converted model keeps: the stem's (image, conv output — not in low mode,
+    where the fused stem chain recomputes it —, relu output, max-pool indices), each block's
+    promised list (its input being the previous block's output, kept
     once), the classifier's input."""
     total = collections.Counter()
     item = x.element_size()
@@ -237,8 +238,11 @@ def _expected_model_bytes(plain, x, backend, memory):
     with torch.no_grad():
         stem = plain.relu(plain.bn1(plain.conv1(x)))
         pooled = plain.maxpool(stem)
-    # image, conv1's output, relu's output, max-pool's indices (int64) and output
-    total["stem"] = (x.numel() + 2 * stem.numel() + pooled.numel()) * item + pooled.numel() * 8
+    # image, conv1's output (default mode only), relu's output, max-pool's indices (int64)
+    # and output
+    stem_kept = 2 if memory == "default" else 1
+    total["stem"] = ((x.numel() + stem_kept * stem.numel() + pooled.numel()) * item
+                     + pooled.numel() * 8)
     h = pooled
     for layer in (plain.layer1, plain.layer2, plain.layer3, plain.layer4):
         for block in layer:
