@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from . import functional as RF
 from .activations import Activation
-from .modules import (SyncBatchNorm, _sync_group, bn_act_conv_modules, conv_bn_act_modules)
+from .modules import (SyncBatchNorm, _bn_args, bn_act_conv_modules,
+                      conv_bn_act_modules)
 
 Tensor = torch.Tensor
 
@@ -93,19 +94,6 @@ def norm_slot(bn: nn.Module, tail: List[Tuple[str, nn.Module]] = ()) -> nn.Modul
     _share_state(slot, bn)
     slot._init_tail(list(tail))
     return _with_original(slot, bn)
-
-
-def _bn_state(bn: nn.Module) -> dict:
-    """What nn.BatchNorm's forward passes to F.batch_norm, read from the slot now (its mode,
-    tensors and options may have changed since convert)."""
-    tracking = not bn.training or bn.track_running_stats
-    counting = bn.training and bn.track_running_stats
-    return dict(bn_weight=bn.weight, bn_bias=bn.bias,
-                running_mean=bn.running_mean if tracking else None,
-                running_var=bn.running_var if tracking else None,
-                num_batches_tracked=bn.num_batches_tracked if counting else None,
-                training=bn.training, momentum=bn.momentum, eps=bn.eps,
-                process_group=_sync_group(bn))
 
 
 # ----------------------------------------------------------------------------------- conv slots
@@ -172,7 +160,7 @@ class ChainConv1d(_ChainHead, nn.Conv1d):
             y = nn.Conv1d.forward(self, x)
             return self.activation.forward(nn.BatchNorm1d.forward(self.bn_slot, y))
         x2, kw = _conv1d_as_2d(self, x)
-        y = RF.conv_bn_act(x2, **kw, **_bn_state(self.bn_slot), activation=self.activation,
+        y = RF.conv_bn_act(x2, **kw, **_bn_args(self.bn_slot), activation=self.activation,
                            backend=self.backend, memory=self.memory)
         return y.squeeze(2)
 
@@ -186,7 +174,7 @@ class PreActChainConv1d(_ChainHead, nn.Conv1d):
             a = self.activation.forward(nn.BatchNorm1d.forward(self.bn_slot, x))
             return nn.Conv1d.forward(self, a)
         x2, kw = _conv1d_as_2d(self, x)
-        y = RF.bn_act_conv(x2, **_bn_state(self.bn_slot), **kw, activation=self.activation,
+        y = RF.bn_act_conv(x2, **_bn_args(self.bn_slot), **kw, activation=self.activation,
                            backend=self.backend, memory=self.memory)
         return y.squeeze(2)
 
