@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import functional as RF
+from . import eval_plan, functional as RF
 from .activations import Activation
 from .modules import (SyncBatchNorm, _bn_args, bn_act_conv_modules,
                       conv_bn_act_modules)
@@ -178,6 +178,13 @@ class PreActChainConv1d(_ChainHead, nn.Conv1d):
                            backend=self.backend, memory=self.memory)
         return y.squeeze(2)
 
+
+# The 2-D slots' eval calls take the modules' CPU eval plan (checks once per weight version,
+# oneDNN in channels_last), as the fused blocks' do: they are nn.Conv2d / BatchNorm2d in all
+# but forward, and the plan reads only their tensors.
+eval_plan.register_conv_type(ChainConv)
+eval_plan.register_bn_type(ChainBatchNorm)
+eval_plan.register_bn_type(ChainSyncBatchNorm)
 
 _CONV_SLOTS = {(nn.Conv2d, False): ChainConv, (nn.Conv2d, True): PreActChainConv,
                (nn.Conv1d, False): ChainConv1d, (nn.Conv1d, True): PreActChainConv1d}

@@ -25,7 +25,7 @@ channels_last tensor, so fused convs pass channels_last to one another; the valu
 Not planned (the ordinary checked path runs, with the same results): training-mode or
 untracked BN, gradients needed, torch.compile tracing, autocast, dtypes oneDNN lacks (fp64,
 fp16), a non-zero padding mode or an asymmetric "same" padding, modules other than exactly
-nn.Conv2d and a BatchNorm2d kind, an empty batch, a residual whose shape, dtype or device is
+nn.Conv2d (or the converter's chain slot) and a BatchNorm2d kind, an empty batch, a residual whose shape, dtype or device is
 not the output's (the checked path raises the error), and any case oneDNN refuses (remembered
 per shape).
 
@@ -56,6 +56,9 @@ _MAX_SHAPES = 16  # input shapes remembered per plan (then started over)
 # id(conv module) -> _ConvPlan; the entry goes with the module (weakref.finalize).
 _plans: Dict[int, "_ConvPlan"] = {}
 _BN_TYPES: tuple = (nn.BatchNorm2d, nn.SyncBatchNorm)  # + resfuse's SyncBatchNorm (register_bn_type)
+# Exactly nn.Conv2d: a subclass may change its forward (timm's StdConv2d standardises its
+# weight), so only classes known to run nn.Conv2d's conv are added (`register_conv_type`).
+_CONV_TYPES: tuple = (nn.Conv2d,)
 _REFUSED = object()  # a shape oneDNN refused
 
 
@@ -64,6 +67,14 @@ def register_bn_type(cls) -> None:
     global _BN_TYPES
     if cls not in _BN_TYPES:
         _BN_TYPES = _BN_TYPES + (cls,)
+
+
+def register_conv_type(cls) -> None:
+    """Let plans run convs of `cls`, a subclass of nn.Conv2d whose conv is nn.Conv2d's (the
+    converter's chain slots: without this their eval calls would take the checked path)."""
+    global _CONV_TYPES
+    if cls not in _CONV_TYPES:
+        _CONV_TYPES = _CONV_TYPES + (cls,)
 
 
 def clear_plans() -> None:
@@ -178,7 +189,6 @@ def _build(x: Tensor, conv, bn, activation, residual, requested: str,
 
 
 # Looked up once: the per-call path below is what a batch-1 forward pays per conv.
-_Conv2d = nn.Conv2d
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _autocast_enabled = torch.is_autocast_enabled
@@ -189,7 +199,7 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
                 backend: Optional[str]) -> Optional[Tensor]:
     """act(bn(conv(x)) + residual) by the module's plan, in channels_last; None where the
     checked path must run instead (see the module's docstring)."""
-    if (bn.training or type(conv) is not _Conv2d or type(bn) not in _BN_TYPES
+    if (bn.training or type(conv) not in _CONV_TYPES or type(bn) not in _BN_TYPES
             or type(x) is not Tensor or not x.is_cpu or _is_compiling()):
         return None
     cps, bnp, bnb = conv._parameters, bn._parameters, bn._buffers

@@ -374,3 +374,23 @@ def test_compile_of_a_converted_nchw_model_after_eager_eval():
         ref, planned = plain(x), fused(x)
         compiled = torch.compile(fused, fullgraph=True)(x)
     assert torch.allclose(planned, ref, atol=1e-4) and torch.allclose(compiled, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "densenet121", "resnet18"])
+def test_converted_chains_take_the_plan(name):
+    """Every post-activation chain the converter fuses (the ResNet stem, MobileNet's depthwise
+    and projection convs, DenseNet's stem) runs its eval call through a plan, with eager's
+    values; the pre-activation chains (DenseNet's layers) take the checked path."""
+    torch.manual_seed(0)
+    plain = randomize_bn(getattr(models, name)(num_classes=5)).eval()
+    fused = copy.deepcopy(plain)
+    report = resfuse.convert(fused)
+    post = [r for r in report.chains if r.kind == "conv_bn_act"]
+    assert post
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        got, want = fused(x), plain(x)
+        want64 = copy.deepcopy(plain).double()(x.double())
+    assert_honest(got, want, want64, name)
+    slots = {id(m) for n, m in fused.named_modules() if n in {r.name for r in post}}
+    assert len(slots) == len(post) and slots <= set(eval_plan._plans)
