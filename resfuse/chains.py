@@ -183,6 +183,7 @@ class PreActChainConv1d(_ChainHead, nn.Conv1d):
 # oneDNN in channels_last), as the fused blocks' do: they are nn.Conv2d / BatchNorm2d in all
 # but forward, and the plan reads only their tensors.
 eval_plan.register_conv_type(ChainConv)
+eval_plan.register_pre_act_conv_type(PreActChainConv)
 eval_plan.register_bn_type(ChainBatchNorm)
 eval_plan.register_bn_type(ChainSyncBatchNorm)
 

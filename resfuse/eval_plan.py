@@ -253,3 +253,63 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
     except RuntimeError:
         plan.shapes[shape] = _REFUSED
         return None
+
+
+def bn_act_conv(x: Tensor, bn, conv, activation, residual: Optional[Tensor],
+                backend: Optional[str]) -> Optional[Tensor]:
+    """conv(act(bn(x))) + residual in eval on the CPU as eager's own three ops (BN with its
+    running statistics, the activation, the conv), or None where the checked path must run.
+
+    Nothing folds here: the activation stands between the BN and the conv. What this saves
+    is the checked path's per-call cost (argument checks, backend choice, dtype copies of the
+    statistics), which on DenseNet-121 made the converted model slower than the one it
+    replaced. The values are eager's, bit for bit; the layout is x's (a channels_last input,
+    as the plans hand on, stays channels_last)."""
+    if (bn.training or type(conv) not in _PRE_CONV_TYPES or type(bn) not in _BN_TYPES
+            or type(x) is not Tensor or not x.is_cpu or _is_compiling() or x.dim() != 4
+            or conv.padding_mode != "zeros"):
+        return None
+    rm, rv = bn._buffers["running_mean"], bn._buffers["running_var"]
+    if rm is None or rv is None:
+        return None
+    w, cb = conv._parameters["weight"], conv._parameters["bias"]
+    bw, bb = bn._parameters["weight"], bn._parameters["bias"]
+    if _grad_enabled() and (
+            x.requires_grad or (residual is not None and residual.requires_grad)
+            or any(t is not None and t.requires_grad for t in (w, cb, bw, bb))):
+        return None
+    if _autocast_enabled("cpu"):
+        return None
+    try:
+        be = dispatch.select(Case("bn_act_conv", "cpu", x.dtype,
+                                  x.is_contiguous(memory_format=_CL), conv.groups, False),
+                             backend)
+    except (ValueError, TypeError, dispatch.BackendUnavailable):
+        return None  # the checked path gives the error
+    if be.name != "eager":
+        return None
+    if (x.dtype is not w.dtype or x.shape[1] != rm.shape[0]
+            or (residual is not None and (type(residual) is not Tensor or not residual.is_cpu))):
+        return None  # the checked path converts or refuses it
+    try:
+        act = as_activation(activation)
+        a = act.forward(torch.batch_norm(x, bw, bb, rm, rv, False, 0.0, bn.eps, False))
+        y = torch.conv2d(a, w, cb, conv.stride, conv.padding, conv.dilation, conv.groups)
+    except RuntimeError:
+        return None  # the checked path says what is wrong
+    if residual is not None:
+        if residual.shape != y.shape or residual.dtype is not y.dtype:
+            return None
+        y = y + residual
+    return y
+
+
+# The pre-activation slot (registered by `resfuse.chains`) besides nn.Conv2d.
+_PRE_CONV_TYPES: tuple = (nn.Conv2d,)
+
+
+def register_pre_act_conv_type(cls) -> None:
+    """Let `bn_act_conv` run convs of `cls` (a subclass of nn.Conv2d whose conv is nn.Conv2d's)."""
+    global _PRE_CONV_TYPES
+    if cls not in _PRE_CONV_TYPES:
+        _PRE_CONV_TYPES = _PRE_CONV_TYPES + (cls,)

@@ -161,7 +161,12 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activati
 def bn_act_conv_modules(x: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, activation,
                         residual: Optional[Tensor] = None, backend: Optional[str] = None,
                         memory: str = "default") -> Tensor:
-    """conv(act(bn(x))) + residual with the state of two existing modules."""
+    """conv(act(bn(x))) + residual with the state of two existing modules. In eval mode on
+    the CPU, eager's own ops answer where they can (`resfuse.eval_plan.bn_act_conv`)."""
+    if not bn.training:
+        y = eval_plan.bn_act_conv(x, bn, conv, activation, residual, backend)
+        if y is not None:
+            return y
     if conv.padding_mode != "zeros":  # the padding belongs after the activation
         a = RF.bn_act(x, **_bn_args(bn), activation=activation, backend=backend)
         y = conv(a)

@@ -394,3 +394,32 @@ def test_converted_chains_take_the_plan(name):
     assert_honest(got, want, want64, name)
     slots = {id(m) for n, m in fused.named_modules() if n in {r.name for r in post}}
     assert len(slots) == len(post) and slots <= set(eval_plan._plans)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pre_activation_eval_is_eagers_ops(layout, monkeypatch):
+    """In eval, a converted pre-activation chain (DenseNet's layers) runs eager's own BN, act
+    and conv: bit for bit the unconverted model's values, without the checked path; a
+    requested non-eager backend still gets the call."""
+    torch.manual_seed(0)
+    plain = randomize_bn(models.densenet121(num_classes=5)).eval()
+    plain.to(memory_format=_fmt(layout))
+    fused = copy.deepcopy(plain)
+    resfuse.convert(fused)
+    x = torch.randn(2, 3, 48, 48).contiguous(memory_format=_fmt(layout))
+    layer = fused.features.denseblock1.denselayer1
+    inp = torch.randn(2, layer.norm1.num_features, 12, 12).contiguous(memory_format=_fmt(layout))
+    calls = []
+    real = RF.bn_act_conv
+    monkeypatch.setattr(RF, "bn_act_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got = layer.conv1(inp)
+        want = plain.features.denseblock1.denselayer1.conv1(
+            plain.features.denseblock1.denselayer1.relu1(
+                plain.features.denseblock1.denselayer1.norm1(inp)))
+        assert torch.equal(got, want) and not calls
+        with resfuse.use_backend("pieces"):
+            forced = layer.conv1(inp)
+        assert calls and torch.allclose(forced, want, rtol=1e-4, atol=1e-5)
+        got_all, want_all = fused(x), plain(x)
+    assert_honest(got_all, want_all, copy.deepcopy(plain).double()(x.double()), layout)
