@@ -193,13 +193,13 @@ def _step(model, x, t):
     return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
 
 
-def check_converted_resnet50_step(backend: str, dtype: torch.dtype, device: str):
+def check_converted_resnet50_step(backend: str, dtype: torch.dtype, device: str, side: int = 64):
     """One training step of a converted ResNet-50 against the same eager model: in float64 to
     1e-9; in bf16 every gradient at most twice as far from the float64 step as eager bf16's is,
     plus a floor (relative L2 norms)."""
     torch.manual_seed(0)
     master = randomize_bn(_resnet50()).to(device, torch.float64).to(memory_format=torch.channels_last)
-    x64 = torch.randn(4, 3, 64, 64, device=device, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x64 = torch.randn(4, 3, side, side, device=device, dtype=torch.float64).to(memory_format=torch.channels_last)
     t = torch.randint(0, 100, (4,), device=device)
     step64 = copy.deepcopy(master)
     loss64, g64 = _step(step64, x64, t)

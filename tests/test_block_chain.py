@@ -325,9 +325,10 @@ def test_block_chain_compiles_whole():
 def test_converted_resnet50_training_step_through_the_interpreter():
     """A converted ResNet-50 (torchvision's structure, resfuse.models where torchvision does
     not import) trains one float64 step through the triton backend exactly as eager does: loss,
-    every gradient, every running statistic (batch 4, 64x64; ~3 minutes in the interpreter)."""
+    every gradient, every running statistic (batch 4, 32x32: every layer of ResNet-50 still
+    runs, layer4 at 1x1; at 64x64 this took 3-7 minutes of CI in the interpreter)."""
     from harness import check_converted_resnet50_step
-    check_converted_resnet50_step("triton", torch.float64, "cpu")
+    check_converted_resnet50_step("triton", torch.float64, "cpu", side=32)
 
 
 def _cl(t):
