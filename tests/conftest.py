@@ -28,6 +28,20 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@pytest.fixture
+def wide_interpreter_tiles(monkeypatch):
+    """Under Triton's interpreter, tiles up to 256 wide for the test (the default cap is 64):
+    the interpreter's cost is per program and loop step, so a network's wide layers run 7-11x
+    faster. For tests of whole layers and models; the small-shape kernel tests keep the
+    default, where their shapes span several tiles. No effect on a GPU."""
+    if not torch.cuda.is_available():
+        try:
+            from resfuse.triton_kernels import tiles
+        except ImportError:
+            return
+        monkeypatch.setattr(tiles, "INTERPRETER_TILE_CAP", 256)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -178,6 +178,23 @@ def run_bench(*args, timeout=600):
                           timeout=timeout, cwd=ROOT)
 
 
+def list_bench(*args):
+    """bench/run.py's main in this process, for `--list` and argument errors only (nothing is
+    timed or written): a subprocess costs a torch import, 4 s each on CI's machine."""
+    import contextlib
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = mod.main(list(args))
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def test_quick_suite_end_to_end(tmp_path):
     """./run.sh bench's default run (tiny), plots included where matplotlib is installed."""
     proc = run_bench("--suite", "quick", "--out", str(tmp_path),
@@ -265,30 +282,30 @@ def test_compile_contestants_every_op_mode(tmp_path):
 
 
 def test_list_and_bad_arguments():
-    proc = run_bench("--suite", "all", "--list", "--device", "cpu")
+    proc = list_bench("--suite", "all", "--list", "--device", "cpu")
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
     # (models on a CPU: four models in two modes, and the Python overhead case)
     assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 3 + 4 * 2 + 1} cases")
     assert sum("blocks " in l for l in lines) == 45 and sum("models " in l for l in lines) == 9
     for bad in (["--dtype", "float8"], ["--layout", "nhwc"], ["--batch", "0"], ["--suite", "x"]):
-        proc = run_bench(*bad, "--list", "--device", "cpu")
+        proc = list_bench(*bad, "--list", "--device", "cpu")
         assert proc.returncode == 2 and "error" in proc.stderr, bad
-    proc = run_bench("--backends", "cuda", "--list", "--device", "cpu")
+    proc = list_bench("--backends", "cuda", "--list", "--device", "cpu")
     assert "resfuse[cuda]" not in proc.stdout.splitlines()[-1]
 
 
 def test_models_suite_cpu_grid_listing():
     """The CPU models suite's grid in one run: both layouts, batch 1 and 8, eager,
     torch.compile default and with freezing, resfuse and resfuse under compile; --mode."""
-    proc = run_bench("--suite", "models", "--device", "cpu", "--layout", "nchw,channels_last",
+    proc = list_bench("--suite", "models", "--device", "cpu", "--layout", "nchw,channels_last",
                      "--batch", "1,8", "--compile", "default", "--freezing", "--list")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     # 4 models x 2 modes x 2 layouts x 2 batches, and the Python overhead case per layout/batch
     assert lines[-1] == ("36 cases; contestants: eager, torch.compile, torch.compile(freezing), "
                          "resfuse[auto], resfuse[auto]+compile")
-    proc = run_bench("--suite", "models", "--device", "cpu", "--mode", "eval", "--only",
+    proc = list_bench("--suite", "models", "--device", "cpu", "--mode", "eval", "--only",
                      "resnet50", "--list")
     assert proc.stdout.splitlines()[-1].startswith("1 cases")
 

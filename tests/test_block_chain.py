@@ -322,11 +322,11 @@ def test_block_chain_compiles_whole():
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU: tests/test_triton_gpu.py")
-def test_converted_resnet50_training_step_through_the_interpreter():
+def test_converted_resnet50_training_step_through_the_interpreter(wide_interpreter_tiles):
     """A converted ResNet-50 (torchvision's structure, resfuse.models where torchvision does
     not import) trains one float64 step through the triton backend exactly as eager does: loss,
     every gradient, every running statistic (batch 4, 32x32: every layer of ResNet-50 still
-    runs, layer4 at 1x1; at 64x64 this took 3-7 minutes of CI in the interpreter)."""
+    runs, layer4 at 1x1; tiles up to 256 wide, conftest.wide_interpreter_tiles)."""
     from harness import check_converted_resnet50_step
     check_converted_resnet50_step("triton", torch.float64, "cpu", side=32)
 

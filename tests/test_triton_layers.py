@@ -4,8 +4,8 @@ statistics as its epilogue, the data gradient with BN-backward's apply (grad_y a
 BN's ReLU mask) as its prologue, and the weight gradient with the same prologue that also
 recomputes the previous BN + ReLU as it loads x.
 
-On the CPU (Triton's interpreter) in fp32 at batch 1 with the spatial size cut to 8x8, every
-channel count, kernel, stride and group count as in the models; on a GPU at the models' own
+On the CPU (Triton's interpreter, tiles up to 256 wide) in fp32 at batch 1 with the spatial
+size cut to 8x8, every channel count, kernel, stride and group count as in the models; on a GPU at the models' own
 spatial size, batch 2, in fp32, fp16 and bf16 (the tolerance rule of docs/design.md: at most twice eager's error
 from a float64 reference, plus a floor)."""
 import pytest
@@ -27,8 +27,9 @@ RELU = 1  # triton_kernels.conv.ACT_RELU
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32(no_tf32):
-    """Compare against exact fp32 convolutions (conftest.no_tf32)."""
+def _no_tf32(no_tf32, wide_interpreter_tiles):
+    """Compare against exact fp32 convolutions (conftest.no_tf32); on the CPU with the
+    interpreter's wide tiles (conftest.wide_interpreter_tiles)."""
 
 
 def _inputs(shape, dtype):

@@ -10,8 +10,11 @@ the split weight-gradient reduction, adds its partials in the same order: bit-id
   128x64 up. Checked by compiling every kernel for sm_90 with Triton 3.6 (shared memory within
   the H100's 227 KB, register use) without a GPU; not tuned by measurement on a GPU yet:
   bench/ is where it will be (no GPU was lent while it was written).
-- Triton's interpreter (CPU): the smallest power of two >= each dimension, from 16 to 64: its
-  cost is per program and per loop step, nearly independent of the tile's size.
+- Triton's interpreter (CPU): the smallest power of two >= each dimension, from 16 to
+  `INTERPRETER_TILE_CAP` (64): its cost is per program and per loop step, nearly independent
+  of the tile's size. At 64, small test shapes still span several tiles (the masked edges, the
+  statistics and weight-gradient partials of more than one program); tests of whole networks'
+  layers raise the cap to 256, which runs a ResNet layer's three kernels 7-11x faster.
 
 Autotuning (opt-in: RESFUSE_TRITON_AUTOTUNE=1; GPU only): `pick_tiles` times a small fixed
 set of H100-class configurations around that choice on the first call of each shape and keeps
@@ -51,6 +54,9 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
+INTERPRETER_TILE_CAP = 64
+
+
 def gemm_tiles(rows: int, cols: int, red: int, dtype: torch.dtype, on_gpu: bool, *,
                operands: int = 1, precision: str = "tf32") -> Tiles:
     """Tiles of a (rows x red) @ (red x cols) implicit GEMM; `red` is the reduction length
@@ -59,7 +65,8 @@ def gemm_tiles(rows: int, cols: int, red: int, dtype: torch.dtype, on_gpu: bool,
     load: the gradient, z and the mask or u), whose per-stage buffers shrink the K step;
     `precision` the dot's ("ieee" fp32 runs without tensor cores, on FMA: smaller tiles)."""
     if not on_gpu:
-        return Tiles(_pow2(rows, 16, 64), _pow2(cols, 16, 64), _pow2(red, 16, 64), 4, 1)
+        cap = INTERPRETER_TILE_CAP
+        return Tiles(_pow2(rows, 16, cap), _pow2(cols, 16, cap), _pow2(red, 16, cap), 4, 1)
     if dtype == torch.float64:
         return Tiles(64 if rows >= 64 else 32, _pow2(cols, 16, 64), 16, 4, 2)
     if dtype == torch.float32 and precision != "tf32":
