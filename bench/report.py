@@ -309,6 +309,7 @@ def render_suite(run: dict) -> list:
         out.append("")
     out += _memory_table(run)
     for suite, title in (("blocks", "Blocks (ResNet-18 and ResNet-50 block shapes)"),
+                         ("chains", "Lone chains (conv-BN, conv-BN-ReLU, BN-ReLU-conv, as convert fuses them)"),
                          ("ops", "Ops (conv-bn-act on ResNet-50's conv shapes; scale-bias-add-act)")):
         if any(r.get("suite") == suite for r in run["rows"]):
             cs = [c for c in others if "+" not in c]

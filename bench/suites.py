@@ -23,7 +23,8 @@ Contestants, all from the same run:
 
 Suites: `ops` (conv-bn-act on ResNet-50's conv shapes in eval, training forward and training
 forward + backward; scale-bias-add-act forward, backward and eval at each stage's output shape),
-`blocks` (every distinct block of ResNet-18 and ResNet-50: training forward, training step and eval), `models`
+`blocks` (every distinct block of ResNet-18 and ResNet-50: training forward, training step and eval;
+and lone chains, `chain_case`: training step and eval), `models`
 (converted ResNet-18 and ResNet-50: training step — forward, backward, SGD step — and eval),
 `quick` (a few of each: the default, about 2 min on 2 CPU cores), `all`. On a CPU the models
 suite also measures the Python overhead per fused conv call (`overhead_case`).
@@ -477,8 +478,54 @@ def _module_built(s: Settings, mode: str, models: Dict[str, nn.Module], plain: n
     return Built(fns, judge(results, oracle, s.dtype))
 
 
+# Chains as the converter fuses them outside whole blocks: a lone conv -> BN (a ResNet
+# downsample, a MobileNet projection), conv -> BN -> ReLU, and pre-activation BN -> ReLU -> conv
+# (DenseNet, ResNet v2), on two ResNet-50 layer-1 convolutions at the image's quarter size.
+# Part of the blocks suite; their rows are suite "chains" (auto's table reads blocks alone).
+CHAIN_KINDS = ("conv-bn", "conv-bn-relu", "bn-relu-conv")
+CHAIN_CONVS = ((256, 64, 1), (64, 64, 3))  # (c_in, c_out, kernel)
+
+
+def chain_case(kind: str, conv: Tuple[int, int, int], mode: str, s: Settings) -> Case:
+    """One chain `kind` as an nn.Sequential, converted with `resfuse.convert` (what a model's
+    chains become), against the same Sequential in eager."""
+    c_in, c_out, k = conv
+    n, hw = s.batch, max(1, s.image // 4)
+
+    def build(s: Settings) -> Built:
+        torch.manual_seed(0)
+        conv_m = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False)
+        if kind == "bn-relu-conv":
+            plain = nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU(), conv_m)
+        else:
+            plain = nn.Sequential(conv_m, nn.BatchNorm2d(c_out),
+                                  *([nn.ReLU()] if kind == "conv-bn-relu" else []))
+        _randomize_bn(plain)
+        plain = plain.to(s.device, s.dtype).to(memory_format=s.memory_format)
+        train = mode != "eval"
+        xs = [s.randn(n, c_in, hw, hw).requires_grad_(train) for _ in range(2)]
+        gys = [s.randn(n, c_out, hw, hw) for _ in range(2)]
+        models = {}
+        for name in own_contestants(s):
+            be = resfuse_backend(name)
+            if name == EAGER:
+                m = plain
+            elif be is not None:
+                m = _converted(plain, be)
+            else:
+                m = compiled(copy.deepcopy(plain), compile_mode(name))
+            models[name] = m.train(train)
+        return _module_built(s, mode, models, plain, xs, gys)
+
+    return Case("chains", f"chain {kind} {c_in}->{c_out} {k}x{k}", mode,
+                dict(x=[n, c_in, hw, hw], y=[n, c_out, hw, hw]), n, build)
+
+
 def blocks_cases(s: Settings, quick: bool = False) -> List[Case]:
     out = []
+    if not quick:
+        out += [chain_case(kind, conv, mode, s) for kind in CHAIN_KINDS for conv in CHAIN_CONVS
+                for mode in ("train_step", "eval")]
     for model in ("resnet18", "resnet50"):
         blocks = [b for b, _ in counts.resnet_blocks(model, s.image)]
         if quick:

@@ -285,9 +285,11 @@ def test_list_and_bad_arguments():
     proc = list_bench("--suite", "all", "--list", "--device", "cpu")
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
-    # (models on a CPU: four models in two modes, and the Python overhead case)
-    assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 3 + 4 * 2 + 1} cases")
+    # (blocks: 15 blocks in three modes and 6 lone chains in two; models on a CPU: four models
+    # in two modes, and the Python overhead case)
+    assert lines[-1].startswith(f"{6 * 3 + 4 * 3 + 15 * 3 + 6 * 2 + 4 * 2 + 1} cases")
     assert sum("blocks " in l for l in lines) == 45 and sum("models " in l for l in lines) == 9
+    assert sum(l.startswith("chains ") for l in lines) == 12
     for bad in (["--dtype", "float8"], ["--layout", "nhwc"], ["--batch", "0"], ["--suite", "x"]):
         proc = list_bench(*bad, "--list", "--device", "cpu")
         assert proc.returncode == 2 and "error" in proc.stderr, bad
