@@ -16,7 +16,8 @@ gives registers and spills.
   a minute on two cores); default: six conv shapes (ResNet-50 stages, the stem, a ResNeXt
   grouped 3x3, and small batches) in both layouts and every dtype.
 - `--candidates`: also every configuration the opt-in autotuner may time (tiles.py).
-- `--part gemm|bn`: only the convolution (implicit-GEMM) jobs, or only the BN kernels' jobs.
+- `--only TEXT`: only the jobs whose name (as printed: `tf32_bfloat16_gemm_quick`, ...)
+  contains TEXT.
 - `--csv`: one row per launch: the case, kernel, tiles, whether it compiled, registers, spill
   bytes, shared memory, and whether the dots became wgmma (sm_90) or mma.sync.
 
@@ -275,8 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", action="store_true")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--csv", default=None)
-    ap.add_argument("--part", default=None,
-                    help="only the jobs of this part: gemm (the convolutions) or bn")
+    ap.add_argument("--only", default=None,
+                    help="only the jobs whose name contains this (e.g. tf32_, _gemm, _bn)")
     ap.add_argument("--one-job", nargs=3, metavar=("PRECISION", "DTYPE", "PART"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -288,10 +289,10 @@ def main(argv=None) -> int:
     import triton
     limit = SHARED_LIMIT.get(a.arch)
     jobs = QUICK_JOBS if a.quick else FULL_JOBS
-    if a.part is not None:
-        jobs = [j for j in jobs if j[2].split("_")[0] == a.part]
+    if a.only is not None:
+        jobs = [j for j in jobs if a.only in "_".join(j)]
         if not jobs:
-            ap.error(f"--part: gemm or bn, got {a.part!r}")
+            ap.error(f"--only: no job name contains {a.only!r}")
     print(f"triton {triton.__version__}: compiling resfuse's Triton kernels for sm_{a.arch} "
           f"({len(jobs)} jobs, {a.jobs} at a time{', with autotune candidates' if a.candidates else ''})",
           flush=True)

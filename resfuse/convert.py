@@ -157,6 +157,7 @@ _OPTIONAL_TIMM = {"drop_block": "drop_block (DropBlock)", "aa": "anti-aliasing l
 
 # Exact types: a subclass may change what forward computes.
 _FUSABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm)
+_FUSABLE_NORMS_1D = (nn.BatchNorm1d, nn.SyncBatchNorm, SyncBatchNorm)
 _PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -181,13 +182,18 @@ def _block_parts(m: nn.Module, origin: str):
     n = 3 if bottleneck else 2
     convs = [getattr(m, f"conv{i}") for i in range(1, n + 1)]
     bns = [getattr(m, f"bn{i}") for i in range(1, n + 1)]
+    # A 1-D block (resfuse.reference.ResidualBlock(dim=1): Conv1d / BatchNorm1d throughout)
+    # fuses whole as the 2-D one does, its ops running as 2-D ones of height 1.
+    one_d = type(convs[0]) is nn.Conv1d
+    conv_t, norms = (nn.Conv1d, _FUSABLE_NORMS_1D) if one_d else (nn.Conv2d, _FUSABLE_NORMS)
     for i, c in enumerate(convs, 1):
-        if type(c) is not nn.Conv2d:
-            raise NotFusable(f"conv{i} is a {type(c).__name__}, not an nn.Conv2d")
+        if type(c) is not conv_t:
+            raise NotFusable(f"conv{i} is a {type(c).__name__}, not an nn.{conv_t.__name__}"
+                             + (" (conv1 is an nn.Conv1d)" if one_d else ""))
     for i, b in enumerate(bns, 1):
-        if type(b) not in _FUSABLE_NORMS:
-            raise NotFusable(f"bn{i} is a {type(b).__name__}, not an nn.BatchNorm2d or "
-                             "nn.SyncBatchNorm")
+        if type(b) not in norms:
+            raise NotFusable(f"bn{i} is a {type(b).__name__}, not an "
+                             f"nn.BatchNorm{'1' if one_d else '2'}d or nn.SyncBatchNorm")
     known = {f"conv{i}" for i in range(1, n + 1)} | {f"bn{i}" for i in range(1, n + 1)}
     known |= {"downsample"}
     if origin == "timm":

@@ -58,7 +58,8 @@ __all__ = [
     "TvInvertedResidual", "TvMobileNetV2", "TvMBConv", "TvBottleneckTransform",
     "TvResBottleneckBlock", "create_conv2d", "BatchNormAct2d", "ConvNormAct",
     "TimmRegNetBottleneck", "TimmDownsampleConv", "TimmPreActBottleneck", "TimmSqueezeExcite",
-    "TimmDepthwiseSeparableConv", "TimmInvertedResidual",
+    "TimmDepthwiseSeparableConv", "TimmInvertedResidual", "TvInvertedResidualV3",
+    "TimmCspBottleneckBlock", "TimmCrossStage",
 ]
 
 
@@ -1724,3 +1725,109 @@ class TimmInvertedResidual(nn.Module):
         if self.has_skip:
             x = self.drop_path(x) + shortcut
         return x
+
+
+# -- torchvision/models/mobilenetv3.py: InvertedResidual. Hardswish or ReLU, a squeeze-excitation
+# gated by Hardsigmoid, and the residual added IN PLACE to the projection's output
+# (`result += input`): a fused chain must leave its output free to be written.
+@_as("torchvision.models.mobilenetv3", "InvertedResidual")
+class TvInvertedResidualV3(nn.Module):
+    def __init__(self, input_channels: int, kernel: int, expanded_channels: int,
+                 out_channels: int, use_se: bool, use_hs: bool, stride: int, dilation: int = 1,
+                 norm_layer=partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)):
+        super().__init__()
+        self.use_res_connect = stride == 1 and input_channels == out_channels
+        layers: List[nn.Module] = []
+        activation_layer = nn.Hardswish if use_hs else nn.ReLU
+        if expanded_channels != input_channels:
+            layers.append(Conv2dNormActivation(input_channels, expanded_channels, kernel_size=1,
+                                               norm_layer=norm_layer,
+                                               activation_layer=activation_layer))
+        stride = 1 if dilation > 1 else stride
+        layers.append(Conv2dNormActivation(expanded_channels, expanded_channels,
+                                           kernel_size=kernel, stride=stride, dilation=dilation,
+                                           groups=expanded_channels, norm_layer=norm_layer,
+                                           activation_layer=activation_layer))
+        if use_se:
+            squeeze_channels = _make_divisible(expanded_channels // 4, 8)
+            layers.append(SqueezeExcitation(expanded_channels, squeeze_channels,
+                                            scale_activation=nn.Hardsigmoid))
+        layers.append(Conv2dNormActivation(expanded_channels, out_channels, kernel_size=1,
+                                           norm_layer=norm_layer, activation_layer=None))
+        self.block = nn.Sequential(*layers)
+        self.out_channels = out_channels
+        self._is_cn = stride > 1
+
+    def forward(self, input):
+        result = self.block(input)
+        if self.use_res_connect:
+            result += input
+        return result
+
+
+# -- timm/models/cspnet.py: BottleneckBlock and CrossStage (CSPResNet's stages). ConvNormAct
+# layers; conv_exp's output is split along channels, so its halves reach the next chains as
+# channel-sliced views; cross_linear leaves conv_exp without its activation.
+@_as("timm.models.cspnet", "BottleneckBlock")
+class TimmCspBottleneckBlock(nn.Module):
+    def __init__(self, in_chs, out_chs, dilation=1, bottle_ratio=0.25, groups=1,
+                 act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d, drop_path=0.0):
+        super().__init__()
+        mid_chs = int(round(out_chs * bottle_ratio))
+        ckwargs = dict(act_layer=act_layer, norm_layer=norm_layer)
+        self.conv1 = ConvNormAct(in_chs, mid_chs, kernel_size=1, **ckwargs)
+        self.conv2 = ConvNormAct(mid_chs, mid_chs, kernel_size=3, dilation=dilation,
+                                 groups=groups, **ckwargs)
+        self.attn2 = nn.Identity()
+        self.conv3 = ConvNormAct(mid_chs, out_chs, kernel_size=1, apply_act=False, **ckwargs)
+        self.attn3 = nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
+        self.act3 = create_act_layer(act_layer)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv1(x)
+        x = self.conv2(x)
+        x = self.attn2(x)
+        x = self.conv3(x)
+        x = self.attn3(x)
+        x = self.drop_path(x) + shortcut
+        x = self.act3(x)
+        return x
+
+
+@_as("timm.models.cspnet", "CrossStage")
+class TimmCrossStage(nn.Module):
+    def __init__(self, in_chs, out_chs, stride, dilation, depth, block_ratio=1.0,
+                 bottle_ratio=1.0, expand_ratio=1.0, groups=1, cross_linear=False,
+                 act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        self.expand_chs = exp_chs = int(round(out_chs * expand_ratio))
+        block_out_chs = int(round(out_chs * block_ratio))
+        conv_kwargs = dict(act_layer=act_layer, norm_layer=norm_layer)
+        if stride != 1:
+            self.conv_down = ConvNormAct(in_chs, in_chs, kernel_size=3, stride=stride,
+                                         dilation=dilation, groups=groups, **conv_kwargs)
+        else:
+            self.conv_down = nn.Identity()
+        prev_chs = in_chs
+        self.conv_exp = ConvNormAct(prev_chs, exp_chs, kernel_size=1, apply_act=not cross_linear,
+                                    **conv_kwargs)
+        prev_chs = exp_chs // 2
+        self.blocks = nn.Sequential()
+        for i in range(depth):
+            self.blocks.add_module(str(i), TimmCspBottleneckBlock(
+                prev_chs, block_out_chs, dilation=dilation, bottle_ratio=bottle_ratio,
+                groups=groups, **conv_kwargs))
+            prev_chs = block_out_chs
+        self.conv_transition_b = ConvNormAct(prev_chs, exp_chs // 2, kernel_size=1, **conv_kwargs)
+        self.conv_transition = ConvNormAct(exp_chs, out_chs, kernel_size=1, **conv_kwargs)
+
+    def forward(self, x):
+        x = self.conv_down(x)
+        x = self.conv_exp(x)
+        xs, xb = x.split(self.expand_chs // 2, dim=1)
+        xb = self.blocks(xb)
+        xb = self.conv_transition_b(xb).contiguous()
+        out = self.conv_transition(torch.cat([xs, xb], dim=1))
+        return out

@@ -302,3 +302,31 @@ def test_residual_block_1d_checks_its_modules():
                                                 block.bn2)
     with pytest.raises(ValueError, match="dim"):
         reference.ResidualBlock(4, 4, dim=3)
+
+
+@pytest.mark.parametrize("backend", ["eager", "pieces"] + BACKENDS[3:])
+def test_convert_fuses_1d_blocks_whole(backend):
+    """convert() swaps resfuse's own 1-D residual blocks (Conv1d / BatchNorm1d) whole, as it
+    does 2-D ones: the same Parameters and state_dict keys, two float64 SGD steps and eval as
+    the plain model's, and revert gives the blocks back."""
+    from test_convert import assert_same_training
+    torch.manual_seed(0)
+    plain = nn.Sequential(reference.ResidualBlock(8, 8, dim=1),
+                          reference.ResidualBlock(8, 4, bottleneck=True, stride=2, dim=1),
+                          reference.ResidualBlock(16, 4, bottleneck=True, stride=2, dim=1,
+                                                  preact=True)).double()
+    randomize_bn(plain)
+    fused = copy.deepcopy(plain)
+    blocks, params = list(fused), dict(fused.named_parameters())
+    report = resfuse.convert(fused, backend=backend)
+    assert [new for _, _, new in report.swapped] == ["FusedResidualBlock"] * 3, str(report)
+    assert not report.chains and not report.skipped
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert all(p is params[n] for n, p in fused.named_parameters())
+    x = torch.randn(2, 8, 12, dtype=D)
+    assert_same_training(plain, fused, x, steps=2)
+    plain.eval(), fused.eval()
+    with torch.no_grad():
+        assert_exactish(fused(x), plain(x), 1e-10, "eval")
+    resfuse.revert(fused)
+    assert list(fused) == blocks

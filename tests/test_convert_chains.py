@@ -54,6 +54,16 @@ CASES = {
         M.TimmInvertedResidual(8, 16, stride=2, exp_ratio=4, act_layer=nn.SiLU,
                                se_layer=M.TimmSqueezeExcite)), 8, {"conv_bn_act": 5}),
     "timm_seresnet": (_tiny_seresnet, 3, {"conv_bn_act": 17}),
+    # expand, depthwise and projection chains of each block; Hardswish and ReLU; SE with
+    # Hardsigmoid (left as it is); the second block adds its residual in place
+    "tv_mobilenet_v3": (lambda: nn.Sequential(
+        M.TvInvertedResidualV3(4, 3, 8, 8, True, True, 2),
+        M.TvInvertedResidualV3(8, 5, 16, 8, True, False, 1),
+        M.TvInvertedResidualV3(8, 3, 8, 8, False, True, 1)), 4, {"conv_bn_act": 8}),
+    # conv_down, conv_exp (linear), three per bottleneck block, the two transitions
+    "timm_cspnet_cross_stage": (lambda: M.TimmCrossStage(
+        8, 16, stride=2, dilation=1, depth=2, expand_ratio=2.0, bottle_ratio=0.5,
+        cross_linear=True, act_layer=nn.LeakyReLU), 8, {"conv_bn_act": 10}),
 }
 
 
@@ -86,8 +96,26 @@ def test_chains_parity_on_mirrors(name, mode):
                          steps=2 if mode == "train" else 1)
 
 
+KERNEL_BACKENDS = ["pieces"] + (["triton"] if resfuse.backends()["triton"] == "ok" else [])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", ["tv_mobilenet_v3", "timm_cspnet_cross_stage", "tv_densenet"])
+def test_chains_on_the_kernel_backends(name, backend):
+    """The chains' autograd Functions (what a GPU runs; `triton` in the interpreter here) on
+    what stresses them: a residual added in place to a chain's output (MobileNetV3),
+    channel-sliced views as a chain's input (CSPNet), concatenations into pre-activation
+    chains (DenseNet): float64 SGD steps as eager takes them (one in the interpreter)."""
+    plain, cin, kinds = _build(name)
+    fused = copy.deepcopy(plain)
+    report = resfuse.convert(fused, backend=backend)
+    assert _kinds(report) == kinds, str(report)
+    assert_same_training(plain, fused, torch.randn(2, cin, 8, 8, dtype=D),
+                         steps=1 if backend == "triton" else 2)
+
+
 @pytest.mark.parametrize("name", ["tv_densenet", "timm_resnetv2_preact", "timm_regnet",
-                                  "tv_mobilenet_v2"])
+                                  "tv_mobilenet_v2", "tv_mobilenet_v3", "timm_cspnet_cross_stage"])
 def test_chains_keep_parameters_state_dict_both_ways_and_revert(name):
     model, cin, _ = _build(name)
     params = dict(model.named_parameters())
@@ -331,7 +359,8 @@ def test_compiled_chain_model_matches_eager():
 
 def test_real_torchvision_models():
     tv = pytest.importorskip("torchvision")
-    for name in ("vgg11_bn", "densenet121", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf"):
+    for name in ("vgg11_bn", "densenet121", "mobilenet_v2", "mobilenet_v3_small",
+                 "efficientnet_b0", "regnet_y_400mf"):
         plain = getattr(tv.models, name)(num_classes=4).double()
         randomize_bn(plain)
         plain.eval()
@@ -343,7 +372,7 @@ def test_real_torchvision_models():
 
 
 @pytest.mark.parametrize("name", ["regnetx_002", "resnetv2_50", "cspresnet50", "efficientnet_b0",
-                                  "seresnet50"])
+                                  "seresnet50", "mobilenetv3_small_100"])
 def test_real_timm_models_chains(name):
     timm = pytest.importorskip("timm")
     plain = timm.create_model(name, num_classes=4).double()
