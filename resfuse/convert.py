@@ -74,6 +74,7 @@ class ConvertReport:
     skipped: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
     synced: List[str] = dataclasses.field(default_factory=list)
     chains: List[ChainRow] = dataclasses.field(default_factory=list)
+    device: Optional[str] = None  # the model's device type when converted ("cpu", "cuda")
 
     def summary(self) -> List[str]:
         """One line per kind: blocks, each chain kind, skips, synchronised norms."""
@@ -90,6 +91,8 @@ class ConvertReport:
             lines.append(f"  of which conv+BN without activation: {lone} (in eval the BN folds into "
                          "the conv; in training on the CPU they run the very torch ops of the "
                          "unfused pair, so expect no gain there)")
+        if self.chains and self.device == "cpu":
+            lines += _CPU_CHAIN_NOTE
         noted = sum(bool(r.note) for r in self.chains)
         if noted:
             lines.append(f"  chains with a part left out: {noted} (see their notes)")
@@ -104,6 +107,18 @@ class ConvertReport:
                   + (f"; {r.note}" if r.note else "") for r in self.chains]
         lines += [f"  skipped {n or '(model)'} ({c}): {r}" for n, c, r in self.skipped]
         return "\n".join(lines)
+
+
+# What a fused chain gains on the CPU, measured one chain at a time (bench: the blocks suite's
+# lone chains; docs/convert.md has the figures): said in the report, not hidden by the swap.
+# The slots stay, as the model may move to a GPU, where the kernels fuse them.
+_CPU_CHAIN_NOTE = [
+    "  on the CPU: in training every chain runs torch's own ops (no gain; a little Python per "
+    "chain);",
+    "    in eval conv -> BN (-> act) chains run oneDNN with the BN folded (gains in channels_last "
+    "and in whole models; a lone chain in NCHW pays a layout copy), BN -> act -> conv chains run "
+    "eager's own ops (no gain); see docs/convert.md",
+]
 
 
 def _tally(items) -> str:
@@ -279,6 +294,8 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
         raise ValueError("convert: the model is itself a block and cannot be replaced in "
                          "place; use resfuse.convert.fuse_block(block)")
     report = ConvertReport()
+    first = next(iter(model.parameters()), None)
+    report.device = None if first is None else first.device.type
     norms = _sync_plan(model, sync_bn, process_group, report)
     previous = [(parent, name, parent._modules[name]) for parent, name, _ in norms]
     for parent, name, new in norms:  # first, so that the fused modules hold the new layers

@@ -383,3 +383,19 @@ def test_real_timm_models_chains(name):
     assert report.chains, str(report)
     assert list(fused.state_dict()) == list(plain.state_dict())
     assert_same_training(plain, fused, torch.randn(1, 3, 64, 64, dtype=D), steps=1)
+
+
+def test_report_says_what_chains_gain_on_the_cpu():
+    """A CPU model's report says what its chains gain there (training: nothing; eval: the
+    folded post-activation chains); a model with no chain or no parameters says nothing."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    report = resfuse.convert(model)
+    assert report.device == "cpu"
+    text = "\n".join(report.summary())
+    assert "on the CPU: in training every chain runs torch's own ops" in text
+    assert "BN -> act -> conv chains run eager's own ops" in text
+    plain = resfuse.convert(nn.Sequential(nn.Linear(3, 3)))
+    assert not any("on the CPU" in line for line in plain.summary())
+    empty = resfuse.convert(nn.Sequential(nn.ReLU()))
+    assert empty.device is None and not any("on the CPU" in line for line in empty.summary())
