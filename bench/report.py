@@ -31,7 +31,8 @@ SCHEMA = "resfuse-bench/2"
 
 def load(results_dir: str) -> list:
     """The runs to show, newest first: per device type, the newest bench/run.py run of each
-    suite (suites older than a newer `all` run of the same device type left out); the newest
+    suite (suites older than a newer `all` run of the same device type left out, and runs
+    whose every row newer runs measured again); the newest
     bench/cuda_kernels.py run per device; and older model-only runs (schema 1) only for a
     device type with no suite run."""
     runs = read_all(results_dir)
@@ -61,6 +62,21 @@ def load(results_dir: str) -> list:
             full = newest.get(("suite", key[1], "all", None, None))
             if full is not None and full["env"]["date"] >= r["env"]["date"]:
                 del newest[key]
+    # A suite run every one of whose rows (case, mode, dtype, layout, batch, image) a newer
+    # shown run of the same device type also measured is superseded (a models run redone as an
+    # eval run and a training run, say).
+    def row_keys(r):
+        return {(x.get("suite"), x.get("case"), x.get("mode"), x.get("dtype"), x.get("layout"),
+                 x.get("batch"), r["settings"].get("image")) for x in r.get("rows", [])}
+    suite_runs = [r for r in newest.values() if r.get("schema") == SCHEMA]
+    for key, r in list(newest.items()):
+        if key[0] != "suite" or not r.get("rows"):
+            continue
+        newer = set().union(*(row_keys(o) for o in suite_runs if o is not r
+                              and o["env"]["device_type"] == r["env"]["device_type"]
+                              and o["env"]["date"] > r["env"]["date"]))
+        if row_keys(r) <= newer:
+            del newest[key]
     order = lambda r: (r.get("schema") != SCHEMA and r.get("kind") != "decide-grid",  # noqa: E731
                        r["env"].get("device_type") != "cuda", r.get("kind") == "cuda-kernels")
     return sorted(sorted(newest.values(), key=lambda r: r["env"]["date"], reverse=True), key=order)
@@ -416,7 +432,7 @@ def _front_suite(r: dict) -> list:
     dev = e["device"] + ("" if e.get("device_type") == "cuda" else f" ({e.get('threads')} threads)")
     out = [f"**{dev}** — suite `{s['suite']}`, {', '.join(s['dtypes'])}, "
            f"{', '.join(s['layouts'])}, batch {', '.join(map(str, s['batches']))}, image "
-           f"{s['image']}; `{e['commit']}`, {e['date'][:10]} ([`{os.path.basename(r['_file'])}`]"
+           f"{s['image']}; `{e['commit']}`, {e['date'][:10]} ([result file]"
            f"({r['_file']})" + ("" if s.get("complete", True) else "; incomplete run") + ")", ""]
     tg = [t for t in targets(r) if t[1] != "not measured"]
     if not (tg or rows):

@@ -398,6 +398,27 @@ def test_committed_results_render():
             f"{os.path.relpath(path, ROOT)}'s results section is stale: run python bench/report.py"
 
 
+def test_a_run_measured_again_row_by_row_is_superseded(tmp_path):
+    """A models run whose every row newer runs measured again (as an eval run and a training
+    run) is left out; one with a row no newer run has stays."""
+    def run(name, date, mode, cases, modes=("train_step", "eval")):
+        rows = [dict(suite="models", case=c, mode=m, dtype="float32", layout="nchw", batch=8,
+                     contestant="eager") for c in cases for m in modes]
+        r = dict(schema=report.SCHEMA, rows=rows,
+                 env=dict(device_type="cpu", date=date, device="x", commit="c"),
+                 settings=dict(suite="models", mode=mode, only=cases[0], image=112))
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    run("a-old", "2026-01-01T00:00", None, ["densenet121"])
+    run("b-eval", "2026-01-02T00:00", "eval", ["densenet121"], ("eval",))
+    run("c-old-two", "2026-01-01T00:00", None, ["mobilenet_v2"])
+    run("d-eval-only", "2026-01-02T00:00", "eval", ["mobilenet_v2"], ("eval",))
+    names = {os.path.basename(r["_file"]) for r in report.load(str(tmp_path))}
+    assert names == {"a-old.json", "b-eval.json", "c-old-two.json", "d-eval-only.json"}
+    run("e-train", "2026-01-03T00:00", "train_step", ["densenet121"], ("train_step",))
+    names = {os.path.basename(r["_file"]) for r in report.load(str(tmp_path))}
+    assert "a-old.json" not in names and {"b-eval.json", "e-train.json", "c-old-two.json"} <= names
+
+
 # -- the checks and the run's robustness ---------------------------------------------------------
 import suites  # noqa: E402
 
