@@ -1,0 +1,109 @@
+"""Where a converted model's CPU eval time goes, beside torch.compile with freezing.
+
+    python bench/profile_cpu_eval.py [--model resnet50] [--batch 8] [--image 160]
+                                     [--layout nchw] [--calls 3] [--out DIR]
+
+Builds the model (`resfuse.models`, torchvision's structure), converts one copy with
+`resfuse.convert` and compiles another with inductor's freezing (bench's
+`torch.compile(freezing)` contestant), checks that both give eager's logits, then for each
+runs `--calls` profiled forward passes under `torch.profiler` and writes the ops by self CPU
+time (calls, total, share) to a Markdown file `<date>-cpu-profile-<model>-...-<commit>.md`.
+Interleaved medians of unprofiled calls are written beside it, so the profile's split can be
+set against the wall time. What this answers: how much of the gap to freezing is in the
+convolutions themselves and how much in what lies between them (the ReLU passes resfuse runs
+after oneDNN to keep eager's NaN, max-pooling, allocations).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402
+import suites  # noqa: E402
+
+import resfuse  # noqa: E402
+from resfuse import models  # noqa: E402
+
+
+def _op_table(prof, calls: int, limit: int = 12) -> list:
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1.0
+    out = ["| op | calls per forward | self CPU ms per forward | share |",
+           "| --- | ---: | ---: | ---: |"]
+    for e in rows[:limit]:
+        out.append(f"| `{e.key}` | {e.count / calls:g} | {e.self_cpu_time_total / 1e3 / calls:.2f} "
+                   f"| {e.self_cpu_time_total / total:.1%} |")
+    out.append(f"| (all) | | {total / 1e3 / calls:.2f} | |")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--image", type=int, default=160)
+    p.add_argument("--layout", default="nchw", choices=["nchw", "channels_last"])
+    p.add_argument("--calls", type=int, default=3, help="profiled forward passes each")
+    p.add_argument("--repeats", type=int, default=20, help="unprofiled calls each, interleaved")
+    p.add_argument("--out", default="bench/out")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if a.layout == "channels_last" else torch.contiguous_format
+    plain = getattr(models, a.model)().eval().to(memory_format=fmt)
+    fused = copy.deepcopy(plain)
+    resfuse.convert(fused)
+    frozen = suites.FrozenCompiled(copy.deepcopy(plain))
+    x = torch.randn(a.batch, 3, a.image, a.image).contiguous(memory_format=fmt)
+    contestants = {"resfuse[auto]": fused, suites.FREEZING: frozen}
+    with torch.no_grad():
+        want = plain(x)
+        for name, m in contestants.items():
+            got = m(x)
+            err = suites.rel_err(got, want)
+            if err > suites.MODEL_LIMIT[torch.float32]:
+                print(f"{name}: relative error {err:.2e} against eager", file=sys.stderr)
+                return 1
+        times = {name: [] for name in contestants}
+        for i in range(a.repeats):
+            order = list(contestants.items())
+            for name, m in (order if i % 2 else order[::-1]):
+                t0 = time.perf_counter()
+                m(x)
+                times[name].append(time.perf_counter() - t0)
+        tables = {}
+        for name, m in contestants.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(a.calls):
+                    m(x)
+            tables[name] = _op_table(prof, a.calls)
+    env = measure.environment(torch.device("cpu"))
+    med = {n: sorted(t)[len(t) // 2] * 1e3 for n, t in times.items()}
+    lines = [f"# CPU eval profile: {a.model}, batch {a.batch}, {a.image}×{a.image}, {a.layout}", "",
+             f"{env['device']} ({env['threads']} threads); torch {env['torch']}; resfuse "
+             f"{env['resfuse']} @ `{env['commit']}`, {env['date'][:10]}; "
+             f"`python bench/profile_cpu_eval.py --model {a.model} --batch {a.batch} "
+             f"--image {a.image} --layout {a.layout} --calls {a.calls} --repeats {a.repeats}`", "",
+             "Unprofiled, interleaved medians of " + str(a.repeats) + " calls: " +
+             ", ".join(f"{n} {ms:.1f} ms" for n, ms in med.items()) +
+             f" (resfuse / freezing: {med[suites.FREEZING] / med['resfuse[auto]']:.3f}×).", ""]
+    for name, table in tables.items():
+        lines += [f"## {name}", "", *table, ""]
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"{env['date'][:10]}-cpu-profile-{a.model}-b{a.batch}-{a.image}-"
+                               f"{a.layout}-{env['commit']}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
