@@ -1,7 +1,7 @@
 """Where a converted model's CPU eval time goes, beside torch.compile with freezing.
 
     python bench/profile_cpu_eval.py [--model resnet50] [--batch 8] [--image 160]
-                                     [--layout nchw] [--calls 3] [--out DIR]
+                                     [--layout nchw] [--calls 3] [--residual-ops] [--out DIR]
 
 Builds the model (`resfuse.models`, torchvision's structure), converts one copy with
 `resfuse.convert` and compiles another with inductor's freezing (bench's
@@ -44,6 +44,56 @@ def _op_table(prof, calls: int, limit: int = 12) -> list:
     return out
 
 
+def _median_ms(f, n: int = 40) -> float:
+    for _ in range(5):
+        f()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[n // 2] * 1e3
+
+
+def residual_ops_table(batch: int, image: int) -> list:
+    """The residual conv of each ResNet-50 stage (1x1, bottleneck width -> 4x) three ways, in
+    channels_last with the weight packed as the eval plan packs it: oneDNN's out-of-place
+    binary-add post-op then ReLU (what resfuse ran until this table), oneDNN's in-place sum
+    post-op into a copy of the residual then ReLU (the same values, checked: what it runs
+    now), and the in-place sum into the
+    residual itself (what freezing runs; it overwrites the residual, which only a compiler that
+    knows the tensor is dead may do)."""
+    op = torch.ops.mkldnn._convolution_pointwise
+    op_ = torch.ops.mkldnn._convolution_pointwise_
+    cl = torch.channels_last
+    out = ["| stage conv (8 = batch) | binary add + ReLU ms | copy + in-place sum + ReLU ms | "
+           "in-place sum + ReLU ms | same values |", "| --- | ---: | ---: | ---: | :---: |"]
+    side = image // 4
+    for width in (64, 128, 256, 512):
+        x = torch.randn(batch, width, side, side).contiguous(memory_format=cl)
+        w, b = torch.randn(4 * width, width, 1, 1) / width ** 0.5, torch.randn(4 * width)
+        args = ([0, 0], [1, 1], [1, 1], 1)
+        wp = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), *args, list(x.shape))
+        r = torch.randn(batch, 4 * width, side, side).contiguous(memory_format=cl)
+        scratch = r.clone(memory_format=cl)
+
+        def binary():
+            return op.binary(x, r, wp, b, *args, "add", None, None, [], None).relu_()
+
+        def copy_sum():
+            return op_.binary(r.clone(memory_format=cl), x, wp, b, *args, "add", None, None, [],
+                              None).relu_()
+
+        def in_place():
+            return op_.binary(scratch, x, wp, b, *args, "add", None, None, [], None).relu_()
+        same = torch.equal(binary(), copy_sum())
+        out.append(f"| {width}->{4 * width} 1x1 @ {side}x{side} | {_median_ms(binary):.2f} | "
+                   f"{_median_ms(copy_sum):.2f} | {_median_ms(in_place):.2f} | "
+                   f"{'yes' if same else 'no'} |")
+        side = max(1, side // 2)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
@@ -53,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=3, help="profiled forward passes each")
     p.add_argument("--repeats", type=int, default=20, help="unprofiled calls each, interleaved")
     p.add_argument("--out", default="bench/out")
+    p.add_argument("--residual-ops", action="store_true",
+                   help="also time the residual conv's post-op choices (residual_ops_table)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     fmt = torch.channels_last if a.layout == "channels_last" else torch.contiguous_format
@@ -89,12 +141,17 @@ def main(argv=None) -> int:
              f"{env['device']} ({env['threads']} threads); torch {env['torch']}; resfuse "
              f"{env['resfuse']} @ `{env['commit']}`, {env['date'][:10]}; "
              f"`python bench/profile_cpu_eval.py --model {a.model} --batch {a.batch} "
-             f"--image {a.image} --layout {a.layout} --calls {a.calls} --repeats {a.repeats}`", "",
+             f"--image {a.image} --layout {a.layout} --calls {a.calls} --repeats {a.repeats}"
+             f"{' --residual-ops' if a.residual_ops else ''}`", "",
              "Unprofiled, interleaved medians of " + str(a.repeats) + " calls: " +
              ", ".join(f"{n} {ms:.1f} ms" for n, ms in med.items()) +
              f" (resfuse / freezing: {med[suites.FREEZING] / med['resfuse[auto]']:.3f}×).", ""]
     for name, table in tables.items():
         lines += [f"## {name}", "", *table, ""]
+    if a.residual_ops:
+        with torch.no_grad():
+            lines += ["## The residual conv's post-op", "", residual_ops_table.__doc__.split(
+                "\n\n")[0].replace("\n    ", " "), "", *residual_ops_table(a.batch, a.image), ""]
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"{env['date'][:10]}-cpu-profile-{a.model}-b{a.batch}-{a.image}-"
                                f"{a.layout}-{env['commit']}.md")

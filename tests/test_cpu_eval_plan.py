@@ -423,3 +423,21 @@ def test_pre_activation_eval_is_eagers_ops(layout, monkeypatch):
         assert calls and torch.allclose(forced, want, rtol=1e-4, atol=1e-5)
         got_all, want_all = fused(x), plain(x)
     assert_honest(got_all, want_all, copy.deepcopy(plain).double()(x.double()), layout)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_residual_is_summed_into_a_copy(layout):
+    """With a residual, oneDNN's sum post-op adds the conv into a copy of it: the caller's
+    residual is left as it was, and the values are bit for bit those of the binary-add
+    post-op it replaced."""
+    m, x = _module_case(), torch.randn(2, 4, 5, 5).contiguous(memory_format=_fmt(layout))
+    r = torch.randn(2, 6, 5, 5).contiguous(memory_format=_fmt(layout))
+    kept = r.clone()
+    y = _assert_eager_values(m, x, r)
+    assert torch.equal(r, kept) and y.data_ptr() != r.data_ptr()
+    runner = eval_plan._plans[id(m.conv)].runner
+    assert runner.sum_into is not None
+    runner.sum_into = None  # the binary-add post-op
+    with torch.no_grad():
+        assert torch.equal(m(x, r), y)
+    assert torch.equal(r, kept)
