@@ -94,6 +94,41 @@ def residual_ops_table(batch: int, image: int) -> list:
     return out
 
 
+def residual_sum_ab(model: str, image: int, batches=(1, 8), layouts=("nchw", "channels_last"),
+                    repeats: int = 16) -> list:
+    """Two converted copies of the model, interleaved: the residual convs summing into a copy
+    of the residual (the eval plan's way) against oneDNN's binary-add post-op (its way before);
+    outputs checked equal bit for bit."""
+    from resfuse import eval_plan
+    out = ["| layout, batch | sum into a copy ms | binary add ms | binary / sum | equal |",
+           "| --- | ---: | ---: | ---: | :---: |"]
+    for layout in layouts:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        for n in batches:
+            torch.manual_seed(0)
+            plain = getattr(models, model)().eval().to(memory_format=fmt)
+            a, b = copy.deepcopy(plain), copy.deepcopy(plain)
+            resfuse.convert(a)
+            resfuse.convert(b)
+            x = torch.randn(n, 3, image, image).contiguous(memory_format=fmt)
+            a(x), b(x)
+            for m in b.modules():
+                plan = eval_plan._plans.get(id(m))
+                if plan is not None and plan.residual:
+                    plan.runner.sum_into = None
+            equal = torch.equal(a(x), b(x))
+            times = {"a": [], "b": []}
+            for i in range(repeats if n > 1 else 4 * repeats):
+                for k, m in ((("a", a), ("b", b)) if i % 2 else (("b", b), ("a", a))):
+                    t0 = time.perf_counter()
+                    m(x)
+                    times[k].append(time.perf_counter() - t0)
+            ma, mb = (sorted(t)[len(t) // 2] * 1e3 for t in (times["a"], times["b"]))
+            out.append(f"| {layout}, {n} | {ma:.1f} | {mb:.1f} | {mb / ma:.3f}× | "
+                       f"{'yes' if equal else 'no'} |")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
@@ -150,6 +185,9 @@ def main(argv=None) -> int:
         lines += [f"## {name}", "", *table, ""]
     if a.residual_ops:
         with torch.no_grad():
+            lines += ["## The residual sum in the whole model", "",
+                      residual_sum_ab.__doc__.replace("\n    ", " "), "",
+                      *residual_sum_ab(a.model, a.image), ""]
             lines += ["## The residual conv's post-op", "", residual_ops_table.__doc__.split(
                 "\n\n")[0].replace("\n    ", " "), "", *residual_ops_table(a.batch, a.image), ""]
     os.makedirs(a.out, exist_ok=True)

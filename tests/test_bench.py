@@ -419,6 +419,17 @@ def test_a_run_measured_again_row_by_row_is_superseded(tmp_path):
     assert "a-old.json" not in names and {"b-eval.json", "e-train.json", "c-old-two.json"} <= names
 
 
+def test_profile_residual_ops_table():
+    """bench/profile_cpu_eval.py's residual-conv table: one row per ResNet-50 stage, and the
+    sum into a copy gives the binary-add post-op's values bit for bit (skipped without oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    import profile_cpu_eval
+    with torch.no_grad():
+        rows = profile_cpu_eval.residual_ops_table(1, 32)[2:]
+    assert len(rows) == 4 and all(r.endswith("| yes |") for r in rows), rows
+
+
 # -- the checks and the run's robustness ---------------------------------------------------------
 import suites  # noqa: E402
 
