@@ -58,9 +58,8 @@ def _median_ms(f, n: int = 40) -> float:
 def residual_ops_table(batch: int, image: int) -> list:
     """The residual conv of each ResNet-50 stage (1x1, bottleneck width -> 4x) three ways, in
     channels_last with the weight packed as the eval plan packs it: oneDNN's out-of-place
-    binary-add post-op then ReLU (what resfuse ran until this table), oneDNN's in-place sum
-    post-op into a copy of the residual then ReLU (the same values, checked: what it runs
-    now), and the in-place sum into the
+    binary-add post-op then ReLU (what resfuse runs), oneDNN's in-place sum post-op into a
+    copy of the residual then ReLU (the same values: checked), and the in-place sum into the
     residual itself (what freezing runs; it overwrites the residual, which only a compiler that
     knows the tensor is dead may do)."""
     op = torch.ops.mkldnn._convolution_pointwise
@@ -97,9 +96,10 @@ def residual_ops_table(batch: int, image: int) -> list:
 def residual_sum_ab(model: str, image: int, batches=(1, 8), layouts=("nchw", "channels_last"),
                     repeats: int = 16) -> list:
     """Two converted copies of the model, interleaved: the residual convs summing into a copy
-    of the residual (the eval plan's way) against oneDNN's binary-add post-op (its way before);
-    outputs checked equal bit for bit."""
+    of the residual (the eval plan's runner with `sum_into` set) against oneDNN's binary-add
+    post-op (the default); outputs checked equal bit for bit."""
     from resfuse import eval_plan
+    from resfuse.backend import eager
     out = ["| layout, batch | sum into a copy ms | binary add ms | binary / sum | equal |",
            "| --- | ---: | ---: | ---: | :---: |"]
     for layout in layouts:
@@ -112,10 +112,10 @@ def residual_sum_ab(model: str, image: int, batches=(1, 8), layouts=("nchw", "ch
             resfuse.convert(b)
             x = torch.randn(n, 3, image, image).contiguous(memory_format=fmt)
             a(x), b(x)
-            for m in b.modules():
+            for m in a.modules():
                 plan = eval_plan._plans.get(id(m))
                 if plan is not None and plan.residual:
-                    plan.runner.sum_into = None
+                    plan.runner.sum_into = eager._onednn_sum_op()
             equal = torch.equal(a(x), b(x))
             times = {"a": [], "b": []}
             for i in range(repeats if n > 1 else 4 * repeats):

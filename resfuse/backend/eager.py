@@ -66,13 +66,6 @@ def _onednn_op():
         return None
 
 
-def _onednn_op_itself():
-    try:
-        return torch.ops.mkldnn._convolution_pointwise
-    except (AttributeError, RuntimeError):
-        return None
-
-
 def _onednn_sum_op():
     """The in-place variant of oneDNN's fused conv with a residual: its sum post-op adds the
     conv into its first argument. None where this torch has none."""
@@ -152,7 +145,10 @@ class OneDNNEvalConv:
         self.padding, self.stride, self.dilation, self.groups = self.args
         op = _onednn_op()
         self.op, self.binary = getattr(op, "default", op), op.binary
-        self.sum_into = _onednn_sum_op() if op is _onednn_op_itself() else None
+        # oneDNN's in-place sum post-op into a copy of the residual (`_onednn_sum_op()`): the
+        # same values as the binary add, faster per conv timed alone, but not a measured win in
+        # whole models here (0.93-1.01x, bench/profile_cpu_eval.py --residual-ops): off.
+        self.sum_into = None
         self.residual = residual
 
     def packed(self, x: Tensor) -> Tensor:
@@ -162,11 +158,7 @@ class OneDNNEvalConv:
         if residual is None:
             y = self.op(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
                         self.unary, self.scalars, self.algo)
-        elif self.sum_into is not None:
-            # oneDNN's sum post-op, accumulating into a copy of the residual (ours to
-            # overwrite; the caller's residual is left as it is): the very values of the
-            # binary-add post-op below, and faster on ResNet-50's residual convs, copy included
-            # (bench/profile_cpu_eval.py --residual-ops).
+        elif self.sum_into is not None:  # (off: see __init__) the caller's residual is kept
             y = self.sum_into(residual.clone(memory_format=torch.channels_last), x, w, self.bias,
                               self.padding, self.stride, self.dilation, self.groups, "add",
                               None, None, [], None)
