@@ -44,6 +44,18 @@ def _op_table(prof, calls: int, limit: int = 12) -> list:
     return out
 
 
+def _interleaved_medians_ms(fns: dict, repeats: int) -> dict:
+    """{name: median ms} of the callables called in turn, the order reversed every round."""
+    times = {name: [] for name in fns}
+    order = list(fns.items())
+    for i in range(repeats):
+        for name, f in (order if i % 2 else order[::-1]):
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+
+
 def _median_ms(f, n: int = 40) -> float:
     for _ in range(5):
         f()
@@ -117,13 +129,9 @@ def residual_sum_ab(model: str, image: int, batches=(1, 8), layouts=("nchw", "ch
                 if plan is not None and plan.residual:
                     plan.runner.sum_into = eager._onednn_sum_op()
             equal = torch.equal(a(x), b(x))
-            times = {"a": [], "b": []}
-            for i in range(repeats if n > 1 else 4 * repeats):
-                for k, m in ((("a", a), ("b", b)) if i % 2 else (("b", b), ("a", a))):
-                    t0 = time.perf_counter()
-                    m(x)
-                    times[k].append(time.perf_counter() - t0)
-            ma, mb = (sorted(t)[len(t) // 2] * 1e3 for t in (times["a"], times["b"]))
+            med = _interleaved_medians_ms({"a": lambda: a(x), "b": lambda: b(x)},
+                                          repeats if n > 1 else 4 * repeats)
+            ma, mb = med["a"], med["b"]
             out.append(f"| {layout}, {n} | {ma:.1f} | {mb:.1f} | {mb / ma:.3f}× | "
                        f"{'yes' if equal else 'no'} |")
     return out
@@ -157,13 +165,8 @@ def main(argv=None) -> int:
             if err > suites.MODEL_LIMIT[torch.float32]:
                 print(f"{name}: relative error {err:.2e} against eager", file=sys.stderr)
                 return 1
-        times = {name: [] for name in contestants}
-        for i in range(a.repeats):
-            order = list(contestants.items())
-            for name, m in (order if i % 2 else order[::-1]):
-                t0 = time.perf_counter()
-                m(x)
-                times[name].append(time.perf_counter() - t0)
+        med = _interleaved_medians_ms({n: (lambda m=m: m(x)) for n, m in contestants.items()},
+                                      a.repeats)
         tables = {}
         for name, m in contestants.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -171,7 +174,6 @@ def main(argv=None) -> int:
                     m(x)
             tables[name] = _op_table(prof, a.calls)
     env = measure.environment(torch.device("cpu"))
-    med = {n: sorted(t)[len(t) // 2] * 1e3 for n, t in times.items()}
     lines = [f"# CPU eval profile: {a.model}, batch {a.batch}, {a.image}×{a.image}, {a.layout}", "",
              f"{env['device']} ({env['threads']} threads); torch {env['torch']}; resfuse "
              f"{env['resfuse']} @ `{env['commit']}`, {env['date'][:10]}; "

@@ -396,6 +396,22 @@ def _converted(model: nn.Module, backend: str) -> nn.Module:
     return holder
 
 
+def _module_contestants(s: Settings, plain: nn.Module, train: bool) -> Dict[str, nn.Module]:
+    """{contestant: module} of a block or chain case: eager is `plain` itself, resfuse's
+    contestants `plain` converted, torch.compile's `plain` compiled (copies)."""
+    models = {}
+    for name in own_contestants(s):
+        be = resfuse_backend(name)
+        if name == EAGER:
+            m = plain
+        elif be is not None:
+            m = _converted(plain, be)
+        else:
+            m = compiled(copy.deepcopy(plain), compile_mode(name))
+        models[name] = m.train(train)
+    return models
+
+
 def block_case(block: BlockShape, mode: str, s: Settings) -> Case:
     """`block` with its input side at the run's image size (`counts.resnet_blocks(model, image)`)."""
     chain = block.chain(s.batch, s.dtype.itemsize)
@@ -412,17 +428,7 @@ def block_case(block: BlockShape, mode: str, s: Settings) -> Case:
         xs = [s.randn(n, block.inplanes, block.hw, block.hw).requires_grad_(train)
               for _ in range(copies)]
         gys = [s.randn(*out) for _ in range(copies)]
-        models = {}
-        for name in own_contestants(s):
-            be = resfuse_backend(name)
-            if name == EAGER:
-                m = plain
-            elif be is not None:
-                m = _converted(plain, be)
-            else:
-                m = compiled(copy.deepcopy(plain), compile_mode(name))
-            models[name] = m.train(train)
-        return _module_built(s, mode, models, plain, xs, gys)
+        return _module_built(s, mode, _module_contestants(s, plain, train), plain, xs, gys)
 
     return Case("blocks", block.name(), mode,
                 dict(x=[n, block.inplanes, block.hw, block.hw], y=list(out)), n, build, chain)
@@ -505,17 +511,7 @@ def chain_case(kind: str, conv: Tuple[int, int, int], mode: str, s: Settings) ->
         train = mode != "eval"
         xs = [s.randn(n, c_in, hw, hw).requires_grad_(train) for _ in range(2)]
         gys = [s.randn(n, c_out, hw, hw) for _ in range(2)]
-        models = {}
-        for name in own_contestants(s):
-            be = resfuse_backend(name)
-            if name == EAGER:
-                m = plain
-            elif be is not None:
-                m = _converted(plain, be)
-            else:
-                m = compiled(copy.deepcopy(plain), compile_mode(name))
-            models[name] = m.train(train)
-        return _module_built(s, mode, models, plain, xs, gys)
+        return _module_built(s, mode, _module_contestants(s, plain, train), plain, xs, gys)
 
     return Case("chains", f"chain {kind} {c_in}->{c_out} {k}x{k}", mode,
                 dict(x=[n, c_in, hw, hw], y=[n, c_out, hw, hw]), n, build)

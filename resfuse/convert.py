@@ -172,7 +172,7 @@ _OPTIONAL_TIMM = {"drop_block": "drop_block (DropBlock)", "aa": "anti-aliasing l
 
 # Exact types: a subclass may change what forward computes.
 _FUSABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm)
-_FUSABLE_NORMS_1D = (nn.BatchNorm1d, nn.SyncBatchNorm, SyncBatchNorm)
+_FUSABLE_NORMS_1D = graph_finder._NORMS_1D  # (nn.BatchNorm1d and both sync BNs)
 _PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
