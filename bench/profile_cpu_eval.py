@@ -70,10 +70,10 @@ def _median_ms(f, n: int = 40) -> float:
 def residual_ops_table(batch: int, image: int) -> list:
     """The residual conv of each ResNet-50 stage (1x1, bottleneck width -> 4x) three ways, in
     channels_last with the weight packed as the eval plan packs it: oneDNN's out-of-place
-    binary-add post-op then ReLU (what resfuse runs), oneDNN's in-place sum post-op into a
-    copy of the residual then ReLU (the same values: checked), and the in-place sum into the
-    residual itself (what freezing runs; it overwrites the residual, which only a compiler that
-    knows the tensor is dead may do)."""
+    binary-add post-op then ReLU (what resfuse runs where the residual is the caller's),
+    oneDNN's in-place sum post-op into a copy of the residual then ReLU (the same values:
+    checked), and the in-place sum into the residual itself (what freezing runs, and resfuse
+    inside a FusedStage, where the residual is dead after the block)."""
     op = torch.ops.mkldnn._convolution_pointwise
     op_ = torch.ops.mkldnn._convolution_pointwise_
     cl = torch.channels_last
@@ -107,13 +107,13 @@ def residual_ops_table(batch: int, image: int) -> list:
 
 def residual_sum_ab(model: str, image: int, batches=(1, 8), layouts=("nchw", "channels_last"),
                     repeats: int = 16) -> list:
-    """Two converted copies of the model, interleaved: the residual convs summing into a copy
-    of the residual (the eval plan's runner with `sum_into` set) against oneDNN's binary-add
-    post-op (the default); outputs checked equal bit for bit."""
-    from resfuse import eval_plan
-    from resfuse.backend import eager
-    out = ["| layout, batch | sum into a copy ms | binary add ms | binary / sum | equal |",
-           "| --- | ---: | ---: | ---: | :---: |"]
+    """Two converted copies of the model, interleaved: the stages as the converter leaves them
+    (FusedStage: each block's residual conv sums into the dead residual in place) against the
+    same stages as plain nn.Sequential (oneDNN's binary-add post-op into a fresh output per
+    block); outputs checked equal bit for bit."""
+    import torch.nn as nn
+    out = ["| layout, batch | stages in place ms | plain Sequential ms | plain / in place | "
+           "equal |", "| --- | ---: | ---: | ---: | :---: |"]
     for layout in layouts:
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         for n in batches:
@@ -122,12 +122,11 @@ def residual_sum_ab(model: str, image: int, batches=(1, 8), layouts=("nchw", "ch
             a, b = copy.deepcopy(plain), copy.deepcopy(plain)
             resfuse.convert(a)
             resfuse.convert(b)
+            for m in b.modules():
+                if type(m) is resfuse.FusedStage:
+                    m.__class__ = nn.Sequential
             x = torch.randn(n, 3, image, image).contiguous(memory_format=fmt)
             a(x), b(x)
-            for m in a.modules():
-                plan = eval_plan._plans.get(id(m))
-                if plan is not None and plan.residual:
-                    plan.runner.sum_into = eager._onednn_sum_op()
             equal = torch.equal(a(x), b(x))
             med = _interleaved_medians_ms({"a": lambda: a(x), "b": lambda: b(x)},
                                           repeats if n > 1 else 4 * repeats)

@@ -12,7 +12,7 @@ from .activations import Activation
 from .backend import BackendUnavailable, backends, use_backend
 from .convert import ChainRow, ConvertReport, NotFusable, convert, fuse_block, revert
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedConvBNAct1d,
-                      FusedResidualBlock, SyncBatchNorm)
+                      FusedResidualBlock, FusedStage, SyncBatchNorm)
 from .ops import BNActConvFunction, ConvBNActFunction, OpConfig
 from .sync_ops import SyncBNActConvFunction, SyncConvBNActFunction
 from .validation import ResfuseInputError
@@ -21,6 +21,6 @@ from .version import __version__
 __all__ = ["functional", "models", "reference", "Activation", "BackendUnavailable", "backends",
            "use_backend", "ChainRow", "ConvertReport", "NotFusable", "convert", "fuse_block",
            "revert", "FusedBasicBlock", "FusedBottleneck", "FusedConvBNAct", "FusedConvBNAct1d",
-           "FusedResidualBlock", "SyncBatchNorm", "BNActConvFunction", "ConvBNActFunction",
+           "FusedResidualBlock", "FusedStage", "SyncBatchNorm", "BNActConvFunction", "ConvBNActFunction",
            "OpConfig", "SyncBNActConvFunction", "SyncConvBNActFunction", "ResfuseInputError",
            "__version__"]

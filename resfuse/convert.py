@@ -46,7 +46,7 @@ from .activations import as_activation
 from .backend.base import BackendUnavailable
 from .validation import check_memory
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock,
-                      SyncBatchNorm)
+                      FusedStage, SyncBatchNorm)
 
 _ORIGINAL = "_resfuse_original"  # the replaced block, kept (unregistered) for `revert`
 
@@ -308,6 +308,8 @@ def convert(model: nn.Module, backend: Optional[str] = None, sync_bn: bool = Fal
         raise
     for parent, name, new in plan:  # nothing below can fail
         parent._modules[name] = new
+        if type(parent) is nn.Sequential and isinstance(new, FusedResidualBlock):
+            parent.__class__ = FusedStage  # the same object: hands its blocks' outputs on
     return report
 
 
@@ -464,7 +466,11 @@ def revert(model: nn.Module) -> ConvertReport:
     """Replace, in place, every fused module of `model` by plain PyTorch modules: fused chains
     by their original modules, fused blocks by the original blocks."""
     report = ConvertReport()
+    if type(model) is FusedStage:
+        model.__class__ = nn.Sequential
     for parent, name, qual, child in list(_walk(model)):
+        if type(child) is FusedStage:
+            child.__class__ = nn.Sequential
         if parent._modules.get(name) is not child:
             continue  # already put back with its chain
         if isinstance(child, (FusedResidualBlock, FusedConvBNAct)):

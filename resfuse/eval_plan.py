@@ -108,7 +108,8 @@ def _present(t):
 
 class _ConvPlan:
     __slots__ = ("conv_ref", "w", "cb", "bw", "bb", "rm", "rv", "versions", "act_arg",
-                 "act", "residual", "dtype", "requested", "runner", "shapes", "cp", "weight")
+                 "act", "residual", "dtype", "requested", "runner", "shapes", "cp", "weight",
+                 "summed")
 
     def __init__(self, conv, tensors, act_arg, act, residual, dtype, requested, runner, cp,
                  weight):
@@ -120,12 +121,14 @@ class _ConvPlan:
         self.residual, self.dtype, self.requested = residual, dtype, requested
         self.runner, self.cp, self.weight = runner, cp, weight
         self.shapes: dict = {}  # x.shape -> (output shape, packed weight) or _REFUSED
+        self.summed: set = set()  # x shapes whose in-place residual sum oneDNN has run
 
     def entry(self, x: Tensor):
         """(output shape, packed weight) for x's shape, checked and packed on first sight;
         None where the checked path must run instead."""
         if len(self.shapes) >= _MAX_SHAPES:
             self.shapes.clear()
+            self.summed.clear()
         shape = x.shape
         if x.dim() != 4 or shape[0] == 0:
             return None
@@ -196,9 +199,15 @@ _scope_get = dispatch._scope.get
 
 
 def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
-                backend: Optional[str]) -> Optional[Tensor]:
+                backend: Optional[str], owns_residual: bool = False) -> Optional[Tensor]:
     """act(bn(conv(x)) + residual) by the module's plan, in channels_last; None where the
-    checked path must run instead (see the module's docstring)."""
+    checked path must run instead (see the module's docstring).
+
+    `owns_residual`: no one but the caller holds `residual` and it is dead after this call
+    (a block's own projection output, or a stage's intermediate: `FusedStage`). The conv is
+    then summed into it in place and it is returned, so no fresh output is written (what
+    torch.compile's freezing does in a traced graph). A residual that has to be made
+    channels_last is a copy of our own and is summed into in the same way."""
     if (bn.training or type(conv) not in _CONV_TYPES or type(bn) not in _BN_TYPES
             or type(x) is not Tensor or not x.is_cpu or _is_compiling()):
         return None
@@ -244,15 +253,27 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
         if (residual.shape != out_shape or residual.dtype is not x.dtype or not residual.is_cpu
                 or type(residual) is not Tensor):
             return None  # the checked path converts or refuses it
+        into = plan.runner.sum_into is not None
         if not residual.is_contiguous(memory_format=_CL):
-            residual = residual.contiguous(memory_format=_CL)
+            residual = residual.contiguous(memory_format=_CL)  # a copy: ours to sum into
+        elif into and not owns_residual:
+            into = False
+        elif into and shape not in plan.summed:
+            # The first in-place sum for a shape goes into a copy: were oneDNN to refuse it
+            # part way, the caller's tensor would be left half-written.
+            residual = residual.clone(memory_format=_CL)
+    else:
+        into = False
     if not x.is_contiguous(memory_format=_CL):
         x = x.contiguous(memory_format=_CL)  # once, where a chain of fused convs starts
     try:
-        return plan.runner(x, packed, residual)
+        y = plan.runner(x, packed, residual, into)
     except RuntimeError:
         plan.shapes[shape] = _REFUSED
         return None
+    if into:
+        plan.summed.add(shape)
+    return y
 
 
 def bn_act_conv(x: Tensor, bn, conv, activation, residual: Optional[Tensor],

@@ -145,12 +145,14 @@ def _norm_layer(norm_layer, sync_bn: bool, process_group):
 
 def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation,
                         residual: Optional[Tensor] = None, backend: Optional[str] = None,
-                        memory: str = "default") -> Tensor:
+                        memory: str = "default", owns_residual: bool = False) -> Tensor:
     """act(bn(conv(x)) + residual) with the state of two existing modules. In eval mode on
     the CPU, the module pair's eval plan (`resfuse.eval_plan`) answers where it can: checks
-    and backend choice made once per weight version, the result in channels_last."""
+    and backend choice made once per weight version, the result in channels_last.
+    `owns_residual`: the caller's residual is dead after this call, so the plan may sum into
+    it in place and return it (elsewhere it is left as it is)."""
     if not bn.training:
-        y = eval_plan.conv_bn_act(x, conv, bn, activation, residual, backend)
+        y = eval_plan.conv_bn_act(x, conv, bn, activation, residual, backend, owns_residual)
         if y is not None:
             return y
     x, conv_kw = _conv_args(conv, x)
@@ -345,19 +347,24 @@ class FusedResidualBlock(reference.ResidualBlock):
                                         f"{type(bn).__name__}")
 
     def _shortcut(self, x: Tensor, a: Optional[Tensor] = None) -> Tensor:
+        return self._shortcut_owned(x, a)[0]
+
+    def _shortcut_owned(self, x: Tensor, a: Optional[Tensor] = None):
+        """(the shortcut, whether it is a fresh tensor of this block's own: the fused
+        projection's output, which nothing else can see)."""
         ds = self.downsample
         if ds is None:
-            return x
+            return x, False
         if self.preact:
-            return ds(a)
+            return ds(a), False
         layers = list(ds) if isinstance(ds, nn.Sequential) else []
         if (len(layers) in (2, 3) and type(layers[-2]) is self._conv_type()
                 and self._is_block_bn(layers[-1])):
             if len(layers) == 3:
                 x = layers[0](x)
             return conv_bn_act_modules(x, layers[-2], layers[-1], None, backend=self.backend,
-                                       memory="low" if self._low else "default")
-        return ds(x)
+                                       memory="low" if self._low else "default"), True
+        return ds(x), False
 
     def _runs_chain(self, x: Tensor) -> bool:
         """Whether this call runs as the fused chain (docs/design.md) (`_chain_forward`): every BN uses batch
@@ -418,6 +425,11 @@ class FusedResidualBlock(reference.ResidualBlock):
                          batch_stats=(m, v))
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x, False)
+
+    def _forward(self, x: Tensor, owns_input: bool) -> Tensor:
+        """`owns_input`: x is dead after this block (`FusedStage` hands on its blocks'
+        outputs so): the identity shortcut may then be summed into in place."""
         if self._runs_chain(x):
             return self._chain_forward(x)
         act, be = self.activation, self.backend
@@ -437,13 +449,14 @@ class FusedResidualBlock(reference.ResidualBlock):
             conv, bn = pairs[-1]
             return bn_act_conv_modules(out, bn, conv, act, residual=shortcut, backend=be,
                                        memory=mem)
-        shortcut = self._shortcut(x)
+        shortcut, owned = self._shortcut_owned(x)
+        owned = owned or (owns_input and self.downsample is None)  # the shortcut is x
         out = x
         for conv, bn in pairs[:-1]:
             out = conv_bn_act_modules(out, conv, bn, act, backend=be, memory=mem)
         conv, bn = pairs[-1]
         return conv_bn_act_modules(out, conv, bn, act, residual=shortcut, backend=be,
-                                   memory=mem)
+                                   memory=mem, owns_residual=owned)
 
     def extra_repr(self) -> str:
         kind = "bottleneck" if self.bottleneck else "basic"
@@ -478,3 +491,41 @@ class FusedBottleneck(FusedResidualBlock):
         super().__init__(inplanes, planes, stride, bottleneck=True, downsample=downsample,
                          groups=groups, base_width=base_width, dilation=dilation,
                          norm_layer=norm_layer, backend=backend, memory=memory)
+
+
+_module_hooks = nn.modules.module
+
+
+def _no_hooks(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+class FusedStage(nn.Sequential):
+    """An nn.Sequential whose fused blocks hand their outputs on as the next block's own.
+
+    The converter gives this class to every plain nn.Sequential holding fused blocks (a
+    ResNet's `layer1` .. `layer4`): the same object, children and state dict. In eval on the
+    CPU, a block's output is seen by nothing but the next block, which sums its last conv
+    into it in place (the residual add without a fresh tensor: one buffer carries a stage's
+    residual stream, as in torch.compile's frozen graphs). It does so only where nothing else
+    can see that intermediate: the blocks have no hooks, no global module hooks are set, the
+    blocks' `forward` is their class's own, and nothing traces or compiles. Otherwise, and
+    for the stage's input (the caller's tensor, never written), it runs as nn.Sequential.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if (type(input) is not Tensor or not input.is_cpu or torch.compiler.is_compiling()
+                or torch.jit.is_tracing() or _module_hooks._global_forward_hooks
+                or _module_hooks._global_forward_pre_hooks
+                or _module_hooks._global_backward_hooks
+                or getattr(_module_hooks, "_global_backward_pre_hooks", None)):
+            return super().forward(input)
+        owned = False
+        for m in self._modules.values():
+            if (isinstance(m, FusedResidualBlock) and _no_hooks(m)
+                    and "forward" not in m.__dict__):
+                input, owned = m._forward(input, owned), True
+            else:
+                input, owned = m(input), False
+        return input

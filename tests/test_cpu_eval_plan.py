@@ -191,6 +191,7 @@ def test_fallback_when_onednn_refuses(monkeypatch):
         op.binary = op
         return op
     monkeypatch.setattr(eager, "_onednn_op", refusing)
+    monkeypatch.setattr(eager, "_onednn_sum_op", refusing)
     m, x = _module_case(), torch.randn(2, 4, 5, 5)
     for _ in range(2):
         assert _assert_eager_values(m, x, torch.randn(2, 6, 5, 5)).is_contiguous()
@@ -426,19 +427,28 @@ def test_pre_activation_eval_is_eagers_ops(layout, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_residual_is_kept_on_both_residual_paths(layout):
-    """With a residual the caller's tensor is left as it was, by the binary-add post-op (the
-    default) and by the sum into a copy that bench/profile_cpu_eval.py measures, whose values
-    are the binary add's bit for bit."""
+def test_residual_is_kept_unless_owned(layout):
+    """A residual the caller keeps is left as it was: a channels_last one by the binary-add
+    post-op, an NCHW one by summing into its channels_last copy. One the caller owns
+    (`owns_residual`, as FusedStage and a block's projection pass) is summed into in place
+    and returned, after a first call per shape into a copy; the values are the binary add's
+    bit for bit on every path."""
     m, x = _module_case(), torch.randn(2, 4, 5, 5).contiguous(memory_format=_fmt(layout))
     r = torch.randn(2, 6, 5, 5).contiguous(memory_format=_fmt(layout))
     kept = r.clone()
     y = _assert_eager_values(m, x, r)
     assert torch.equal(r, kept) and y.data_ptr() != r.data_ptr()
-    runner = eval_plan._plans[id(m.conv)].runner
-    assert runner.sum_into is None
-    runner.sum_into = eager._onednn_sum_op()
-    assert runner.sum_into is not None
+    plan = eval_plan._plans[id(m.conv)]
+    assert plan.runner.sum_into is not None
+    assert (x.shape in plan.summed) == (layout == "nchw")  # the NCHW residual's copy
     with torch.no_grad():
-        assert torch.equal(m(x, r), y)
+        binary = plan.runner(x.contiguous(memory_format=CL), plan.shapes[x.shape][1],
+                             r.contiguous(memory_format=CL))
+        assert torch.equal(binary, y)
+        for call in range(2):
+            mine = r.clone(memory_format=CL)
+            out = eval_plan.conv_bn_act(x, m.conv, m.bn, m.activation, mine, None, True)
+            assert torch.equal(out, y)
+            in_place = out.data_ptr() == mine.data_ptr()
+            assert in_place == (call == 1 or layout == "nchw"), (call, layout)
     assert torch.equal(r, kept)

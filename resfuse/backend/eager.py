@@ -145,23 +145,25 @@ class OneDNNEvalConv:
         self.padding, self.stride, self.dilation, self.groups = self.args
         op = _onednn_op()
         self.op, self.binary = getattr(op, "default", op), op.binary
-        # oneDNN's in-place sum post-op into a copy of the residual (`_onednn_sum_op()`): the
-        # same values as the binary add, faster per conv timed alone, but not a measured win in
-        # whole models here (0.93-1.01x, bench/profile_cpu_eval.py --residual-ops): off.
-        self.sum_into = None
+        # oneDNN's in-place sum post-op (`_onednn_sum_op()`): the conv is added into the
+        # residual's own memory, which the caller must own (`into=True`); None where this
+        # torch lacks it (the binary add then writes a fresh output).
+        self.sum_into = _onednn_sum_op() if residual else None
         self.residual = residual
 
     def packed(self, x: Tensor) -> Tensor:
         return _packed_weight(self.folded, x, self.args)
 
-    def __call__(self, x: Tensor, w: Tensor, residual: Optional[Tensor]) -> Tensor:
+    def __call__(self, x: Tensor, w: Tensor, residual: Optional[Tensor],
+                 into: bool = False) -> Tensor:
+        """`into`: sum into `residual` in place and return it (the caller owns it and has
+        checked `sum_into`); else the result is a fresh tensor and `residual` is kept."""
         if residual is None:
             y = self.op(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
                         self.unary, self.scalars, self.algo)
-        elif self.sum_into is not None:  # (off: see __init__) the caller's residual is kept
-            y = self.sum_into(residual.clone(memory_format=torch.channels_last), x, w, self.bias,
-                              self.padding, self.stride, self.dilation, self.groups, "add",
-                              None, None, [], None)
+        elif into:
+            y = self.sum_into(residual, x, w, self.bias, self.padding, self.stride,
+                              self.dilation, self.groups, "add", None, None, [], None)
         else:
             y = self.binary(x, residual, w, self.bias, self.padding, self.stride, self.dilation,
                             self.groups, "add", None, None, [], None)
