@@ -44,15 +44,30 @@ def _op_table(prof, calls: int, limit: int = 12) -> list:
     return out
 
 
-def _interleaved_medians_ms(fns: dict, repeats: int) -> dict:
-    """{name: median ms} of the callables called in turn, the order reversed every round."""
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # (not on Windows)
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _interleaved_medians_ms(fns: dict, repeats: int, faults: dict = None) -> dict:
+    """{name: median ms} of the callables called in turn, the order reversed every round.
+    `faults`, if given, gets {name: minor page faults per call} (first touches of memory the
+    allocator took fresh from the kernel)."""
     times = {name: [] for name in fns}
+    counted = {name: 0 for name in fns}
     order = list(fns.items())
     for i in range(repeats):
         for name, f in (order if i % 2 else order[::-1]):
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)
+            counted[name] += _minor_faults() - f0
+    if faults is not None:
+        faults.update({name: n / repeats for name, n in counted.items()})
     return {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
 
 
@@ -136,6 +151,20 @@ def residual_sum_ab(model: str, image: int, batches=(1, 8), layouts=("nchw", "ch
     return out
 
 
+def nan_logits(models_: dict, x) -> list:
+    """One NaN in the first image of the batch (one pixel, every channel): eager's logits for
+    that image are all NaN, the other images' are finite. Per model, how many of the first
+    image's logits are NaN, and whether the other images' logits are finite."""
+    bad = x.clone()
+    bad[0, :, x.shape[2] // 2, x.shape[3] // 2] = float("nan")
+    out = ["| model | NaN logits, first image | other images finite |", "| --- | ---: | :---: |"]
+    for name, m in models_.items():
+        y = m(bad)
+        out.append(f"| {name} | {int(y[0].isnan().sum())} / {y.shape[1]} | "
+                   f"{'yes' if bool(y[1:].isfinite().all()) else 'no'} |")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
@@ -164,14 +193,16 @@ def main(argv=None) -> int:
             if err > suites.MODEL_LIMIT[torch.float32]:
                 print(f"{name}: relative error {err:.2e} against eager", file=sys.stderr)
                 return 1
+        faults = {}
         med = _interleaved_medians_ms({n: (lambda m=m: m(x)) for n, m in contestants.items()},
-                                      a.repeats)
+                                      a.repeats, faults)
         tables = {}
         for name, m in contestants.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(a.calls):
                     m(x)
             tables[name] = _op_table(prof, a.calls)
+        nan_rows = nan_logits({"eager": plain, **contestants}, x)
     env = measure.environment(torch.device("cpu"))
     lines = [f"# CPU eval profile: {a.model}, batch {a.batch}, {a.image}×{a.image}, {a.layout}", "",
              f"{env['device']} ({env['threads']} threads); torch {env['torch']}; resfuse "
@@ -181,9 +212,13 @@ def main(argv=None) -> int:
              f"{' --residual-ops' if a.residual_ops else ''}`", "",
              "Unprofiled, interleaved medians of " + str(a.repeats) + " calls: " +
              ", ".join(f"{n} {ms:.1f} ms" for n, ms in med.items()) +
-             f" (resfuse / freezing: {med[suites.FREEZING] / med['resfuse[auto]']:.3f}×).", ""]
+             f" (resfuse / freezing: {med[suites.FREEZING] / med['resfuse[auto]']:.3f}×); "
+             "minor page faults per call: " +
+             ", ".join(f"{n} {k:.0f}" for n, k in faults.items()) + ".", ""]
     for name, table in tables.items():
         lines += [f"## {name}", "", *table, ""]
+    lines += ["## NaN in the input", "", nan_logits.__doc__.replace("\n    ", " "), "",
+              *nan_rows, ""]
     if a.residual_ops:
         with torch.no_grad():
             lines += ["## The residual sum in the whole model", "",

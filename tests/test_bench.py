@@ -430,6 +430,31 @@ def test_profile_residual_ops_table():
     assert len(rows) == 4 and all(r.endswith("| yes |") for r in rows), rows
 
 
+def test_profile_stage_ab_and_fault_count():
+    """The profile's whole-model A/B of FusedStage against plain Sequential stages: the same
+    logits bit for bit; and the page-fault count comes back per contestant."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    import profile_cpu_eval
+    with torch.no_grad():
+        rows = profile_cpu_eval.residual_sum_ab("resnet18", 32, batches=(1,),
+                                                layouts=("nchw",), repeats=1)[2:]
+    assert len(rows) == 1 and rows[0].endswith("| yes |"), rows
+    faults = {}
+    med = profile_cpu_eval._interleaved_medians_ms({"a": lambda: torch.ones(1 << 20)}, 2, faults)
+    assert set(med) == set(faults) == {"a"} and faults["a"] >= 0
+    import copy
+    import resfuse
+    torch.manual_seed(0)
+    plain = models.resnet18(num_classes=4).eval()
+    fused = copy.deepcopy(plain)
+    resfuse.convert(fused)
+    with torch.no_grad():
+        rows = profile_cpu_eval.nan_logits({"eager": plain, "resfuse": fused},
+                                           torch.randn(2, 3, 32, 32))[2:]
+    assert rows == ["| eager | 4 / 4 | yes |", "| resfuse | 4 / 4 | yes |"], rows
+
+
 # -- the checks and the run's robustness ---------------------------------------------------------
 import suites  # noqa: E402
 
