@@ -571,3 +571,20 @@ def test_a_run_cut_short_keeps_its_rows(tmp_path):
     assert r["settings"]["complete"] is False and "signal" in r["settings"]["stopped"]
     assert r["rows"] and all(row.get("median_ms") for row in r["rows"])
     assert len(r["rows"]) < 2 * r["settings"]["cases"]
+
+
+def test_freezing_contestant_compiles_its_own_graph():
+    """With the plain torch.compile contestant of the same model class compiled first, the
+    freezing contestant still compiles a graph of its own (dynamo would otherwise hand it the
+    plain one, unfrozen), and gives eager's values."""
+    import copy
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        suites.compiled(copy.deepcopy(plain), "default")(x)
+        before = counters["frames"]["ok"]
+        got = suites.FrozenCompiled(copy.deepcopy(plain))(x)
+        assert counters["frames"]["ok"] == before + 1
+        assert torch.allclose(got, plain(x), rtol=1e-4, atol=1e-5)
