@@ -20,7 +20,8 @@ packed for that shape.
 Layout: a plan runs the conv in channels_last, oneDNN's preferred layout, whatever the input's
 (an NCHW input is converted once, where a chain of fused convs starts) and hands back a
 channels_last tensor, so fused convs pass channels_last to one another; the values are eager's
-(see docs/cpu.md).
+(see docs/cpu.md). A residual the caller owns (`owns_residual`: a block's projection output,
+a FusedStage's intermediate) or one copied into channels_last is summed into in place.
 
 Not planned (the ordinary checked path runs, with the same results): training-mode or
 untracked BN, gradients needed, torch.compile tracing, autocast, dtypes oneDNN lacks (fp64,
