@@ -166,8 +166,8 @@ def compile_mode(name: str) -> Optional[str]:
 class FrozenCompiled(nn.Module):
     """`model` under torch.compile with inductor's freezing (inference only: call under
     torch.no_grad()). Freezing is a compile option of this contestant's own, and is also set
-    around its calls (inductor reads it at run time too: without, the frozen graph ran 1.2x
-    slower on ResNet-18). The option matters: dynamo shares compiled code between
+    around its calls (inductor reads it at run time too: without, the frozen graph ran
+    slower on ResNet-18 in development). The option matters: dynamo shares compiled code between
     torch.compile calls whose backends compare equal, so a freezing contestant compiled as
     mode="default" ran the graph the plain torch.compile contestant of the same model class
     had already compiled, unfrozen (bench runs before 2026-12-04 with both contestants)."""

@@ -21,6 +21,6 @@ from .version import __version__
 __all__ = ["functional", "models", "reference", "Activation", "BackendUnavailable", "backends",
            "use_backend", "ChainRow", "ConvertReport", "NotFusable", "convert", "fuse_block",
            "revert", "FusedBasicBlock", "FusedBottleneck", "FusedConvBNAct", "FusedConvBNAct1d",
-           "FusedResidualBlock", "FusedStage", "SyncBatchNorm", "BNActConvFunction", "ConvBNActFunction",
-           "OpConfig", "SyncBNActConvFunction", "SyncConvBNActFunction", "ResfuseInputError",
-           "__version__"]
+           "FusedResidualBlock", "FusedStage", "SyncBatchNorm", "BNActConvFunction",
+           "ConvBNActFunction", "OpConfig", "SyncBNActConvFunction", "SyncConvBNActFunction",
+           "ResfuseInputError", "__version__"]

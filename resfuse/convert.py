@@ -46,7 +46,7 @@ from .activations import as_activation
 from .backend.base import BackendUnavailable
 from .validation import check_memory
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedResidualBlock,
-                      FusedStage, SyncBatchNorm)
+                      FusedStage, SyncBatchNorm, _has_hooks)
 
 _ORIGINAL = "_resfuse_original"  # the replaced block, kept (unregistered) for `revert`
 
@@ -411,7 +411,7 @@ class _Planner:
         for m in mods:
             if self.uses[id(m)] > 1:
                 return f"{chain.kind} chain not fused: a {type(m).__name__} of it is shared with another part of the model"
-            if graph_finder._has_hooks(m):
+            if _has_hooks(m):
                 return f"{chain.kind} chain not fused: a {type(m).__name__} of it has hooks, which a fused op would not call"
         return ""
 

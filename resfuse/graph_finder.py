@@ -102,11 +102,6 @@ def _pairs(conv, bn) -> bool:
     return type(bn) in norms or (type(conv) is nn.Conv2d and is_batchnorm_act(bn))
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
-
-
 # ----------------------------------------------------------------------------------- tracing
 class _ChildrenAsLeaves(fx.Tracer):
     """Trace only the module's own forward: every submodule call is one call_module node."""

@@ -496,8 +496,10 @@ class FusedBottleneck(FusedResidualBlock):
 _module_hooks = nn.modules.module
 
 
-def _no_hooks(m: nn.Module) -> bool:
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether `m` has forward or backward hooks of its own (the converter's and FusedStage's
+    test: a fused op would not call them)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                 or getattr(m, "_backward_pre_hooks", None))
 
 
@@ -523,7 +525,7 @@ class FusedStage(nn.Sequential):
             return super().forward(input)
         owned = False
         for m in self._modules.values():
-            if (isinstance(m, FusedResidualBlock) and _no_hooks(m)
+            if (isinstance(m, FusedResidualBlock) and not _has_hooks(m)
                     and "forward" not in m.__dict__):
                 input, owned = m._forward(input, owned), True
             else:

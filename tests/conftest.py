@@ -42,6 +42,21 @@ def wide_interpreter_tiles(monkeypatch):
         monkeypatch.setattr(tiles, "INTERPRETER_TILE_CAP", 256)
 
 
+@pytest.fixture
+def fresh_eval_plans():
+    """The CPU eval fast path on, with no plans and no remembered oneDNN refusals, before and
+    after the test (the switch restored)."""
+    from resfuse import eval_plan
+    from resfuse.backend import eager
+    old = eager.set_cpu_fused_conv(True)
+    eager._refused.clear()
+    eval_plan.clear_plans()
+    yield
+    eager.set_cpu_fused_conv(old)
+    eager._refused.clear()
+    eval_plan.clear_plans()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

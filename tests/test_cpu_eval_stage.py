@@ -16,15 +16,7 @@ from conftest import assert_honest, randomize_bn
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def _fresh_plans():
-    old = eager.set_cpu_fused_conv(True)
-    eager._refused.clear()
-    eval_plan.clear_plans()
-    yield
-    eager.set_cpu_fused_conv(old)
-    eager._refused.clear()
-    eval_plan.clear_plans()
+pytestmark = pytest.mark.usefixtures("fresh_eval_plans")
 
 
 @pytest.fixture
