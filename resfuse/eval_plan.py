@@ -23,6 +23,11 @@ channels_last tensor, so fused convs pass channels_last to one another; the valu
 (see docs/cpu.md). A residual the caller owns (`owns_residual`: a block's projection output,
 a FusedStage's intermediate) or one copied into channels_last is summed into in place.
 
+Activation: oneDNN's own relu (clip for relu6) turns NaN into 0, so it runs only where a bound
+on the conv's input (and residual) shows that no NaN or Inf can arise (`resfuse.value_bounds`:
+bounds measured at a chain's start, then carried from conv to conv); elsewhere torch's
+activation runs after oneDNN's conv, as eager's.
+
 Not planned (the ordinary checked path runs, with the same results): training-mode or
 untracked BN, gradients needed, torch.compile tracing, autocast, dtypes oneDNN lacks (fp64,
 fp16), a non-zero padding mode or an asymmetric "same" padding, modules other than exactly
@@ -36,6 +41,7 @@ after them.
 """
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from typing import Dict, Optional
@@ -47,7 +53,7 @@ from . import backend as dispatch
 from .activations import Activation, as_activation
 from .backend import eager
 from .backend.base import Case
-from . import folding
+from . import folding, value_bounds
 from .validation import ResfuseInputError, check_bn, check_conv, check_input, conv_params
 
 Tensor = torch.Tensor
@@ -79,8 +85,10 @@ def register_conv_type(cls) -> None:
 
 
 def clear_plans() -> None:
-    """Forget every plan (and so every packed weight they hold)."""
+    """Forget every plan (and so every packed weight they hold) and every recorded bound on
+    activations (`resfuse.value_bounds`)."""
     _plans.clear()
+    value_bounds.clear()
 
 
 # Stands for an absent tensor (a conv without bias, BN without affine) in a plan's key: its
@@ -110,7 +118,7 @@ def _present(t):
 class _ConvPlan:
     __slots__ = ("conv_ref", "w", "cb", "bw", "bb", "rm", "rv", "versions", "act_arg",
                  "act", "residual", "dtype", "requested", "runner", "shapes", "cp", "weight",
-                 "summed")
+                 "summed", "gain", "offset", "act_scale")
 
     def __init__(self, conv, tensors, act_arg, act, residual, dtype, requested, runner, cp,
                  weight):
@@ -123,6 +131,9 @@ class _ConvPlan:
         self.runner, self.cp, self.weight = runner, cp, weight
         self.shapes: dict = {}  # x.shape -> (output shape, packed weight) or _REFUSED
         self.summed: set = set()  # x shapes whose in-place residual sum oneDNN has run
+        # |conv(x) + b| <= gain * max|x| + offset (`value_bounds`), of the folded weights
+        self.gain, self.offset = value_bounds.conv_gain(runner.folded.weight, runner.folded.bias)
+        self.act_scale = value_bounds.act_scale(act)  # |act(z)| <= act_scale * max(|z|, 1)
 
     def entry(self, x: Tensor):
         """(output shape, packed weight) for x's shape, checked and packed on first sight;
@@ -192,6 +203,41 @@ def _build(x: Tensor, conv, bn, activation, residual, requested: str,
     return plan
 
 
+_LIMIT = value_bounds.LIMIT
+# A carried bound above this is measured afresh where `_bound` may measure: each ResNet block
+# multiplies a carried bound by its convs' gains (about 2**11 in a ResNet-50), far more than
+# the values grow, and a fresh measure at a block's first conv leaves room for several more.
+_LOOSE = 2.0 ** 80
+_known, _record = value_bounds.known, value_bounds.record
+
+
+def _bound(plan: _ConvPlan, x: Tensor, residual: Optional[Tensor], out_numel: int,
+           private_x: bool, private_residual: bool):
+    """A bound on |bn(conv(x)) + residual| (`resfuse.value_bounds`), at most `LIMIT`, or
+    None where none is known. Bounds of x and the residual are looked up (a fused conv's
+    output carries one); x is measured (one read) only where the carried bound is missing
+    or too loose, the activation has a fused form the bound unlocks, and x is at most four
+    times the output's size: a block's first conv, whose measured input then bounds the
+    block and the blocks after it (a read of x costs about one and a half activation passes
+    over x's size; the bound saves a pass at every conv it reaches)."""
+    br = 0.0
+    if residual is not None:
+        br = _known(residual, private_residual)
+        if br is None:
+            return None  # (measuring a residual costs more than the pass it would save)
+    bx = _known(x, private_x)
+    carried = math.inf if bx is None else bx * plan.gain + plan.offset + br
+    if carried <= _LOOSE:
+        return carried
+    if plan.runner.bounded_unary is None or x.numel() > 4 * out_numel or br > _LIMIT / 2:
+        return carried if carried <= _LIMIT else None
+    bx = value_bounds.measure(x)
+    if bx <= _LIMIT:
+        value_bounds.record(x, bx)
+    b = min(bx * plan.gain + plan.offset + br, carried)
+    return b if b <= _LIMIT else None
+
+
 # Looked up once: the per-call path below is what a batch-1 forward pays per conv.
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
@@ -200,7 +246,8 @@ _scope_get = dispatch._scope.get
 
 
 def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
-                backend: Optional[str], owns_residual: bool = False) -> Optional[Tensor]:
+                backend: Optional[str], owns_residual: bool = False,
+                private_input: bool = False) -> Optional[Tensor]:
     """act(bn(conv(x)) + residual) by the module's plan, in channels_last; None where the
     checked path must run instead (see the module's docstring).
 
@@ -208,7 +255,12 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
     (a block's own projection output, or a stage's intermediate: `FusedStage`). The conv is
     then summed into it in place and it is returned, so no fresh output is written (what
     torch.compile's freezing does in a traced graph). A residual that has to be made
-    channels_last is a copy of our own and is summed into in the same way."""
+    channels_last is a copy of our own and is summed into in the same way.
+    `private_input`: no one but the caller has seen x (a fused block's or stage's own
+    intermediate), so a bound recorded for it holds even without a version counter
+    (inference tensors). Where a bound on x (and the residual) shows the pre-activation
+    finite, oneDNN's own ReLU runs (`resfuse.value_bounds`); the output's bound is recorded.
+    """
     if (bn.training or type(conv) not in _CONV_TYPES or type(bn) not in _BN_TYPES
             or type(x) is not Tensor or not x.is_cpu or _is_compiling()):
         return None
@@ -254,6 +306,8 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
         if (residual.shape != out_shape or residual.dtype is not x.dtype or not residual.is_cpu
                 or type(residual) is not Tensor):
             return None  # the checked path converts or refuses it
+    bound = _bound(plan, x, residual, out_shape.numel(), private_input, owns_residual)
+    if residual is not None:
         into = plan.runner.sum_into is not None
         if not residual.is_contiguous(memory_format=_CL):
             residual = residual.contiguous(memory_format=_CL)  # a copy: ours to sum into
@@ -268,12 +322,14 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
     if not x.is_contiguous(memory_format=_CL):
         x = x.contiguous(memory_format=_CL)  # once, where a chain of fused convs starts
     try:
-        y = plan.runner(x, packed, residual, into)
+        y = plan.runner(x, packed, residual, into, bound is not None)
     except RuntimeError:
         plan.shapes[shape] = _REFUSED
         return None
     if into:
         plan.summed.add(shape)
+    if bound is not None:
+        _record(y, plan.act_scale * (bound if bound > 1.0 else 1.0))
     return y
 
 

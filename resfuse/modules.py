@@ -145,14 +145,17 @@ def _norm_layer(norm_layer, sync_bn: bool, process_group):
 
 def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation,
                         residual: Optional[Tensor] = None, backend: Optional[str] = None,
-                        memory: str = "default", owns_residual: bool = False) -> Tensor:
+                        memory: str = "default", owns_residual: bool = False,
+                        private_input: bool = False) -> Tensor:
     """act(bn(conv(x)) + residual) with the state of two existing modules. In eval mode on
     the CPU, the module pair's eval plan (`resfuse.eval_plan`) answers where it can: checks
     and backend choice made once per weight version, the result in channels_last.
     `owns_residual`: the caller's residual is dead after this call, so the plan may sum into
-    it in place and return it (elsewhere it is left as it is)."""
+    it in place and return it (elsewhere it is left as it is). `private_input`: no one but
+    the caller has seen x (its own intermediate; see `eval_plan.conv_bn_act`)."""
     if not bn.training:
-        y = eval_plan.conv_bn_act(x, conv, bn, activation, residual, backend, owns_residual)
+        y = eval_plan.conv_bn_act(x, conv, bn, activation, residual, backend, owns_residual,
+                                  private_input)
         if y is not None:
             return y
     x, conv_kw = _conv_args(conv, x)
@@ -349,6 +352,16 @@ class FusedResidualBlock(reference.ResidualBlock):
     def _shortcut(self, x: Tensor, a: Optional[Tensor] = None) -> Tensor:
         return self._shortcut_owned(x, a)[0]
 
+    def _fused_projection(self):
+        """(pool or None, conv, bn) of a `downsample` of the form `Sequential([pool,] conv,
+        bn)`, which runs as one fused op; None for any other downsample (or none)."""
+        ds = self.downsample
+        layers = list(ds) if isinstance(ds, nn.Sequential) else []
+        if (len(layers) in (2, 3) and type(layers[-2]) is self._conv_type()
+                and self._is_block_bn(layers[-1])):
+            return (layers[0] if len(layers) == 3 else None), layers[-2], layers[-1]
+        return None
+
     def _shortcut_owned(self, x: Tensor, a: Optional[Tensor] = None):
         """(the shortcut, whether it is a fresh tensor of this block's own: the fused
         projection's output, which nothing else can see)."""
@@ -357,14 +370,14 @@ class FusedResidualBlock(reference.ResidualBlock):
             return x, False
         if self.preact:
             return ds(a), False
-        layers = list(ds) if isinstance(ds, nn.Sequential) else []
-        if (len(layers) in (2, 3) and type(layers[-2]) is self._conv_type()
-                and self._is_block_bn(layers[-1])):
-            if len(layers) == 3:
-                x = layers[0](x)
-            return conv_bn_act_modules(x, layers[-2], layers[-1], None, backend=self.backend,
-                                       memory="low" if self._low else "default"), True
-        return ds(x), False
+        proj = self._fused_projection()
+        if proj is None:
+            return ds(x), False
+        pool, conv, bn = proj
+        if pool is not None:
+            x = pool(x)
+        return conv_bn_act_modules(x, conv, bn, None, backend=self.backend,
+                                   memory="low" if self._low else "default"), True
 
     def _runs_chain(self, x: Tensor) -> bool:
         """Whether this call runs as the fused chain (docs/design.md) (`_chain_forward`): every BN uses batch
@@ -430,11 +443,13 @@ class FusedResidualBlock(reference.ResidualBlock):
     def _forward(self, x: Tensor, owns_input: bool) -> Tensor:
         """`owns_input`: x is dead after this block (`FusedStage` hands on its blocks'
         outputs so): the identity shortcut may then be summed into in place."""
-        if self._runs_chain(x):
+        pairs = self._pairs()
+        bn1 = pairs[0][1]
+        # (a BN in eval with running statistics rules the chain out: `_runs_chain` not needed)
+        if (bn1.training or bn1.running_mean is None) and self._runs_chain(x):
             return self._chain_forward(x)
         act, be = self.activation, self.backend
         mem = "low" if self._low else "default"  # (ignored by synchronised BN)
-        pairs = self._pairs()
         if self.preact:
             conv1, bn1 = pairs[0]
             if self.downsample is None:
@@ -449,14 +464,39 @@ class FusedResidualBlock(reference.ResidualBlock):
             conv, bn = pairs[-1]
             return bn_act_conv_modules(out, bn, conv, act, residual=shortcut, backend=be,
                                        memory=mem)
+        proj = self._fused_projection() if x.is_cpu and self.downsample is not None else None
+        if proj is not None and not any(bn.training for _, bn in pairs) and not proj[2].training:
+            return self._eval_projection_last(x, proj, pairs, owns_input)
         shortcut, owned = self._shortcut_owned(x)
         owned = owned or (owns_input and self.downsample is None)  # the shortcut is x
-        out = x
+        out, private = x, owns_input
         for conv, bn in pairs[:-1]:
-            out = conv_bn_act_modules(out, conv, bn, act, backend=be, memory=mem)
+            out = conv_bn_act_modules(out, conv, bn, act, backend=be, memory=mem,
+                                      private_input=private)
+            private = True
         conv, bn = pairs[-1]
         return conv_bn_act_modules(out, conv, bn, act, residual=shortcut, backend=be,
-                                   memory=mem, owns_residual=owned)
+                                   memory=mem, owns_residual=owned, private_input=True)
+
+    def _eval_projection_last(self, x: Tensor, proj, pairs, owns_input: bool) -> Tensor:
+        """A projection block in eval on the CPU, in the order torch.compile's frozen graphs
+        run it: the main path first, its last conv without activation (a fresh tensor of
+        our own), then the projection conv summed into that in place, with the activation:
+        act(bn(conv(x')) + main) is act(main + shortcut), the same sum. The projection's
+        output then never waits in memory while the main path runs (ResNet-50's first
+        stage-2 block: measured faster, see docs/cpu.md)."""
+        act, be = self.activation, self.backend
+        out, private = x, owns_input
+        for conv, bn in pairs[:-1]:
+            out = conv_bn_act_modules(out, conv, bn, act, backend=be, private_input=private)
+            private = True
+        conv, bn = pairs[-1]
+        main = conv_bn_act_modules(out, conv, bn, None, backend=be, private_input=True)
+        pool, conv, bn = proj
+        if pool is not None:
+            x = pool(x)
+        return conv_bn_act_modules(x, conv, bn, act, residual=main, backend=be,
+                                   owns_residual=True, private_input=owns_input)
 
     def extra_repr(self) -> str:
         kind = "bottleneck" if self.bottleneck else "basic"

@@ -189,9 +189,13 @@ class ResidualBlock(nn.Module):
         return self
 
     def _pairs(self):
-        convs = [self.conv1, self.conv2] + ([self.conv3] if self.bottleneck else [])
-        bns = [self.bn1, self.bn2] + ([self.bn3] if self.bottleneck else [])
-        return list(zip(convs, bns))
+        # (read from _modules: nn.Module.__getattr__ costs more than the rest of a fused
+        # block's per-call Python at batch 1)
+        m = self._modules
+        pairs = [(m["conv1"], m["bn1"]), (m["conv2"], m["bn2"])]
+        if self.bottleneck:
+            pairs.append((m["conv3"], m["bn3"]))
+        return pairs
 
     def forward(self, x):
         act = self.activation.forward

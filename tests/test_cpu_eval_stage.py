@@ -25,10 +25,10 @@ def residual_calls(monkeypatch):
     counts = {"into": 0, "fresh": 0}
     real = eager.OneDNNEvalConv.__call__
 
-    def counting(self, x, w, residual, into=False):
+    def counting(self, x, w, residual, into=False, bounded=False):
         if residual is not None:
             counts["into" if into else "fresh"] += 1
-        return real(self, x, w, residual, into)
+        return real(self, x, w, residual, into, bounded)
     monkeypatch.setattr(eager.OneDNNEvalConv, "__call__", counting)
     return counts
 
@@ -157,18 +157,33 @@ def test_blocks_called_by_a_users_forward_keep_their_outputs(residual_calls):
     assert residual_calls["into"] == 0
 
 
-def test_a_projection_block_sums_into_its_own_projection(residual_calls):
+@pytest.mark.parametrize("pool", [False, True])
+def test_a_projection_block_sums_its_projection_into_the_main_path(pool, monkeypatch):
+    """In eval on the CPU, a projection block runs its main path first (the last conv
+    without activation) and then the projection conv summed into that in place, with the
+    activation (as torch.compile's frozen graphs order it); values are eager's, the input is
+    kept. With an avg-pool downsample (ResNet-D) too."""
     torch.manual_seed(0)
-    plain = randomize_bn(reference.Bottleneck(
-        8, 4, 2, nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16)))).eval()
+    layers = [reference.conv1x1(8, 16, 1 if pool else 2), nn.BatchNorm2d(16)]
+    ds = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True), *layers) if pool else nn.Sequential(*layers)
+    plain = randomize_bn(reference.Bottleneck(8, 4, 2, ds)).eval()
     fused = resfuse.fuse_block(plain).eval()
+    calls = []
+    real = eager.OneDNNEvalConv.__call__
+
+    def logging(self, x, w, residual, into=False, bounded=False):
+        calls.append((x.shape[1], residual is not None, into))
+        return real(self, x, w, residual, into, bounded)
+    monkeypatch.setattr(eager.OneDNNEvalConv, "__call__", logging)
     x = torch.randn(2, 8, 9, 9)
     kept = x.clone()
     with torch.no_grad():
         for _ in range(2):
             out = fused(x)
         assert_honest(out, plain(x), copy.deepcopy(plain).double()(x.double()), "projection")
-    assert torch.equal(x, kept) and residual_calls == {"into": 2, "fresh": 0}
+    assert torch.equal(x, kept)
+    # per call: conv1 (8 in), conv2 (4), conv3 (4) alone, then the projection (8) summed in
+    assert calls == [(8, False, False), (4, False, False), (4, False, False), (8, True, True)] * 2
 
 
 def test_a_module_between_blocks_ends_the_hand_on(residual_calls):

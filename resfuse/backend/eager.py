@@ -8,7 +8,9 @@ API: where it is missing, or refuses a case (dtype, activation, shapes), the pla
 conv -> add -> act pieces run instead, and the refusal is remembered so it costs one try.
 oneDNN's relu post-op turns NaN into 0 (torch's relu keeps NaN), and after the residual add
 oneDNN fuses no activation but relu: in those cases the activation runs as torch's own, in
-place, after oneDNN's conv (+ bias + add), so NaN and Inf propagate as in eager.
+place, after oneDNN's conv (+ bias + add), so NaN and Inf propagate as in eager; the eval
+plans run oneDNN's relu (and clip, for relu6) only where a bound on the values shows the
+pre-activation finite, where it is exactly torch's (`resfuse.value_bounds`).
 `set_cpu_fused_conv(False)` turns the fast path off (tests check both paths).
 
 `OneDNNEvalConv` is the same call prepared once for a fold (post-op attributes resolved,
@@ -123,6 +125,25 @@ def _onednn_attrs(act: Activation, residual: bool):
     return _ONEDNN_UNARY[act.kind] + (None,)
 
 
+def _bounded_attrs(act: Activation, residual: bool):
+    """(unary, scalars) of oneDNN's own post-op for an activation `_onednn_attrs` leaves to
+    torch because oneDNN turns NaN into 0 (relu, relu6, leaky_relu with slope 0): where the
+    caller has shown the pre-activation finite (`resfuse.value_bounds`), it gives torch's
+    values exactly. None where oneDNN has no such post-op (after a residual add: relu only)."""
+    relu = act.kind == "relu" or (act.kind == "leaky_relu" and act.negative_slope == 0)
+    if relu:
+        return "relu", []
+    if act.kind == "relu6" and not residual:
+        return "hardtanh", [0.0, 6.0]
+    return None
+
+
+def _raw(overload):
+    """The C++ callable behind an op overload (its `_op`), where this torch has one: the
+    overload's own `__call__` is one more Python frame per conv. None stays None."""
+    return getattr(overload, "_op", overload)
+
+
 def onednn_eval_available(dtype: torch.dtype) -> bool:
     """Whether oneDNN's fused eval convolution may run on CPU tensors of `dtype` now (the
     switch is on, this torch has the op, oneDNN takes the dtype)."""
@@ -133,9 +154,13 @@ class OneDNNEvalConv:
     """One folded eval conv prepared for oneDNN: y = act(conv(x, w', b') + residual), always
     in channels_last. `packed(x)` gives the packed weight for x's shape (made once per shape
     and fold); `__call__` takes x and the residual already in channels_last. A call oneDNN
-    refuses raises RuntimeError (the caller falls back to the plain pieces)."""
+    refuses raises RuntimeError (the caller falls back to the plain pieces).
+
+    `bounded` (relu-like activations only, `bounded_unary` set): the caller has shown that
+    the pre-activation is finite, so oneDNN's own post-op runs in place of torch's pass."""
     __slots__ = ("folded", "args", "unary", "scalars", "algo", "op", "binary", "sum_into",
-                 "residual", "after", "bias", "padding", "stride", "dilation", "groups")
+                 "residual", "after", "bias", "padding", "stride", "dilation", "groups",
+                 "bounded_unary")
 
     def __init__(self, folded, p: ConvParams, act: Activation, residual: bool):
         self.folded = folded
@@ -144,30 +169,39 @@ class OneDNNEvalConv:
         self.bias = folded.bias
         self.padding, self.stride, self.dilation, self.groups = self.args
         op = _onednn_op()
-        self.op, self.binary = getattr(op, "default", op), op.binary
+        self.op, self.binary = _raw(getattr(op, "default", op)), _raw(op.binary)
         # oneDNN's in-place sum post-op (`_onednn_sum_op()`): the conv is added into the
         # residual's own memory, which the caller must own (`into=True`); None where this
         # torch lacks it (the binary add then writes a fresh output).
-        self.sum_into = _onednn_sum_op() if residual else None
+        self.sum_into = _raw(_onednn_sum_op()) if residual else None
         self.residual = residual
+        self.bounded_unary = _bounded_attrs(act, residual) if self.after is not None else None
 
     def packed(self, x: Tensor) -> Tensor:
         return _packed_weight(self.folded, x, self.args)
 
     def __call__(self, x: Tensor, w: Tensor, residual: Optional[Tensor],
-                 into: bool = False) -> Tensor:
+                 into: bool = False, bounded: bool = False) -> Tensor:
         """`into`: sum into `residual` in place and return it (the caller owns it and has
-        checked `sum_into`); else the result is a fresh tensor and `residual` is kept."""
+        checked `sum_into`); else the result is a fresh tensor and `residual` is kept.
+        `bounded`: the pre-activation is known finite (see the class)."""
+        after = self.after
+        if bounded and self.bounded_unary is not None:
+            after = None
+            unary, scalars = self.bounded_unary
+        elif residual is None:
+            unary, scalars = self.unary, self.scalars
+        else:
+            unary, scalars = None, []
         if residual is None:
             y = self.op(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                        self.unary, self.scalars, self.algo)
+                        unary, scalars, self.algo)
         elif into:
             y = self.sum_into(residual, x, w, self.bias, self.padding, self.stride,
-                              self.dilation, self.groups, "add", None, None, [], None)
+                              self.dilation, self.groups, "add", None, unary, scalars, None)
         else:
             y = self.binary(x, residual, w, self.bias, self.padding, self.stride, self.dilation,
-                            self.groups, "add", None, None, [], None)
-        after = self.after
+                            self.groups, "add", None, unary, scalars, None)
         if after is None:
             return y
         return y.relu_() if after.kind == "relu" else after.forward_(y)
