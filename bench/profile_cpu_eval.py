@@ -10,8 +10,8 @@ runs `--calls` profiled forward passes under `torch.profiler` and writes the ops
 time (calls, total, share) to a Markdown file `<date>-cpu-profile-<model>-...-<commit>.md`.
 Interleaved medians of unprofiled calls are written beside it, so the profile's split can be
 set against the wall time. What this answers: how much of the gap to freezing is in the
-convolutions themselves and how much in what lies between them (the ReLU passes resfuse runs
-after oneDNN to keep eager's NaN, max-pooling, allocations).
+convolutions themselves and how much in what lies between them (Python between the calls,
+max-pooling, bound measures, any ReLU pass resfuse runs after oneDNN to keep eager's NaN).
 """
 from __future__ import annotations
 
@@ -151,6 +151,72 @@ def residual_sum_ab(model: str, image: int, batches=(1, 8), layouts=("nchw", "ch
     return out
 
 
+def time_split(model, x, frozen_ms: float, repeats: int = 30) -> list:
+    """resfuse's wall time per forward split in two: inside oneDNN's conv calls (timed around
+    each call of every eval plan's op) and everything else (Python between the calls, the
+    model's other modules, bound measures), with freezing's wall time beside it. Also how
+    many relu-like convs ran oneDNN's own activation (their bound allowed it) and how many
+    inputs were measured, per forward."""
+    from resfuse import eval_plan, value_bounds
+    from resfuse.backend import eager
+    model(x)
+    inside = [0.0]
+    clock = time.perf_counter
+
+    def timed(f):
+        if f is None:
+            return None
+
+        def call(*args):
+            t0 = clock()
+            y = f(*args)
+            inside[0] += clock() - t0
+            return y
+        return call
+    runners = [p.runner for p in eval_plan._plans.values()]
+    saved = [(r, r.op, r.binary, r.sum_into) for r in runners]
+    counts = {"fused": 0, "torch": 0, "measured": 0}
+    real_call, real_measure = eager.OneDNNEvalConv.__call__, value_bounds.measure
+
+    def counting(self, x_, w, residual, into=False, bounded=False):
+        if self.after is not None:
+            counts["fused" if bounded and self.bounded_unary is not None else "torch"] += 1
+        return real_call(self, x_, w, residual, into, bounded)
+
+    def measuring(t):
+        counts["measured"] += 1
+        return real_measure(t)
+    try:
+        eager.OneDNNEvalConv.__call__ = counting
+        value_bounds.measure = measuring
+        model(x)
+        calls = dict(counts)
+        eager.OneDNNEvalConv.__call__ = real_call
+        value_bounds.measure = real_measure
+        for r, op, binary, sum_into in saved:
+            r.op, r.binary, r.sum_into = timed(op), timed(binary), timed(sum_into)
+        walls, convs = [], []
+        for _ in range(repeats):
+            inside[0] = 0.0
+            t0 = clock()
+            model(x)
+            walls.append(clock() - t0)
+            convs.append(inside[0])
+    finally:
+        eager.OneDNNEvalConv.__call__ = real_call
+        value_bounds.measure = real_measure
+        for r, op, binary, sum_into in saved:
+            r.op, r.binary, r.sum_into = op, binary, sum_into
+    order = sorted(range(repeats), key=walls.__getitem__)
+    mid = order[repeats // 2]  # the median call's own split
+    wall, conv = walls[mid] * 1e3, convs[mid] * 1e3
+    return ["| resfuse wall ms | inside oneDNN's conv calls ms | everything else ms | "
+            "freezing wall ms | relu-like convs with oneDNN's activation | inputs measured |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {wall:.2f} | {conv:.2f} | {wall - conv:.2f} | {frozen_ms:.2f} | "
+            f"{calls['fused']} of {calls['fused'] + calls['torch']} | {calls['measured']} |"]
+
+
 def nan_logits(models_: dict, x) -> list:
     """One NaN in the first image of the batch (one pixel, every channel): eager's logits for
     that image are all NaN, the other images' are finite. Per model, how many of the first
@@ -203,6 +269,7 @@ def main(argv=None) -> int:
                     m(x)
             tables[name] = _op_table(prof, a.calls)
         nan_rows = nan_logits({"eager": plain, **contestants}, x)
+        split_rows = time_split(fused, x, med[suites.FREEZING], a.repeats)
     env = measure.environment(torch.device("cpu"))
     lines = [f"# CPU eval profile: {a.model}, batch {a.batch}, {a.image}×{a.image}, {a.layout}", "",
              f"{env['device']} ({env['threads']} threads); torch {env['torch']}; resfuse "
@@ -217,6 +284,8 @@ def main(argv=None) -> int:
              ", ".join(f"{n} {k:.0f}" for n, k in faults.items()) + ".", ""]
     for name, table in tables.items():
         lines += [f"## {name}", "", *table, ""]
+    lines += ["## Where resfuse's time goes", "", time_split.__doc__.replace("\n    ", " "), "",
+              *split_rows, ""]
     lines += ["## NaN in the input", "", nan_logits.__doc__.replace("\n    ", " "), "",
               *nan_rows, ""]
     if a.residual_ops:

@@ -455,6 +455,30 @@ def test_profile_stage_ab_and_fault_count():
     assert rows == ["| eager | 4 / 4 | yes |", "| resfuse | 4 / 4 | yes |"], rows
 
 
+def test_profile_time_split_counts_and_restores_the_runners():
+    """The profile's split of resfuse's wall time: the conv calls' share is part of the wall
+    time, every ReLU of a ResNet-18 runs as oneDNN's own (bounded), and the eval plans'
+    runners are left as they were (the timing wrappers removed)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    import resfuse
+    import profile_cpu_eval
+    from resfuse import eval_plan
+    torch.manual_seed(0)
+    fused = models.resnet18(num_classes=4).eval()
+    resfuse.convert(fused)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused(x)
+        before = [(p.runner.op, p.runner.sum_into) for p in eval_plan._plans.values()]
+        rows = profile_cpu_eval.time_split(fused, x, 1.0, repeats=3)
+        after = [(p.runner.op, p.runner.sum_into) for p in eval_plan._plans.values()]
+    assert before == after
+    wall, conv, rest, frozen, fused_acts, measured = [c.strip() for c in rows[2].strip("|").split("|")]
+    assert 0 < float(conv) < float(wall) and float(rest) > 0 and frozen == "1.00"
+    assert fused_acts == "17 of 17" and int(measured) >= 1, rows
+
+
 # -- the checks and the run's robustness ---------------------------------------------------------
 import suites  # noqa: E402
 
