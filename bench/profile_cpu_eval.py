@@ -151,12 +151,13 @@ def residual_sum_ab(model: str, image: int, batches=(1, 8), layouts=("nchw", "ch
     return out
 
 
-def time_split(model, x, frozen_ms: float, repeats: int = 30) -> list:
+def time_split(model, x, frozen, repeats: int = 30) -> list:
     """resfuse's wall time per forward split in two: inside oneDNN's conv calls (timed around
     each call of every eval plan's op) and everything else (Python between the calls, the
-    model's other modules, bound measures), with freezing's wall time beside it. Also how
-    many relu-like convs ran oneDNN's own activation (their bound allowed it) and how many
-    inputs were measured, per forward."""
+    model's other modules, bound measures), with freezing's wall time beside it; each model
+    is called `repeats` times in a row (not interleaved: the medians above are), the median
+    call shown. Also how many relu-like convs ran oneDNN's own activation (their bound
+    allowed it) and how many inputs were measured, per forward."""
     from resfuse import eval_plan, value_bounds
     from resfuse.backend import eager
     model(x)
@@ -210,6 +211,13 @@ def time_split(model, x, frozen_ms: float, repeats: int = 30) -> list:
     order = sorted(range(repeats), key=walls.__getitem__)
     mid = order[repeats // 2]  # the median call's own split
     wall, conv = walls[mid] * 1e3, convs[mid] * 1e3
+    frozen(x)
+    frozen_walls = []
+    for _ in range(repeats):
+        t0 = clock()
+        frozen(x)
+        frozen_walls.append(clock() - t0)
+    frozen_ms = sorted(frozen_walls)[repeats // 2] * 1e3
     return ["| resfuse wall ms | inside oneDNN's conv calls ms | everything else ms | "
             "freezing wall ms | relu-like convs with oneDNN's activation | inputs measured |",
             "| ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -269,7 +277,7 @@ def main(argv=None) -> int:
                     m(x)
             tables[name] = _op_table(prof, a.calls)
         nan_rows = nan_logits({"eager": plain, **contestants}, x)
-        split_rows = time_split(fused, x, med[suites.FREEZING], a.repeats)
+        split_rows = time_split(fused, x, frozen, a.repeats)
     env = measure.environment(torch.device("cpu"))
     lines = [f"# CPU eval profile: {a.model}, batch {a.batch}, {a.image}×{a.image}, {a.layout}", "",
              f"{env['device']} ({env['threads']} threads); torch {env['torch']}; resfuse "

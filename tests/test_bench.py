@@ -471,11 +471,11 @@ def test_profile_time_split_counts_and_restores_the_runners():
     with torch.no_grad():
         fused(x)
         before = [(p.runner.op, p.runner.sum_into) for p in eval_plan._plans.values()]
-        rows = profile_cpu_eval.time_split(fused, x, 1.0, repeats=3)
+        rows = profile_cpu_eval.time_split(fused, x, lambda t: t.sum(), repeats=3)
         after = [(p.runner.op, p.runner.sum_into) for p in eval_plan._plans.values()]
     assert before == after
     wall, conv, rest, frozen, fused_acts, measured = [c.strip() for c in rows[2].strip("|").split("|")]
-    assert 0 < float(conv) < float(wall) and float(rest) > 0 and frozen == "1.00"
+    assert 0 < float(conv) < float(wall) and float(rest) > 0 and float(frozen) >= 0
     assert fused_acts == "17 of 17" and int(measured) >= 1, rows
 
 
