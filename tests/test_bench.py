@@ -479,6 +479,16 @@ def test_profile_time_split_counts_and_restores_the_runners():
     assert fused_acts == "17 of 17" and int(measured) >= 1, rows
 
 
+def test_process_spread_measures_all_three_in_one_process():
+    """bench/process_spread.py's per-process measurement: eager, resfuse and freezing, each a
+    positive median (resfuse's logits checked against eager's first)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    import process_spread
+    med = process_spread.one_process("resnet18", 1, 32, "nchw", 1)
+    assert set(med) == {"eager", "resfuse", "freezing"} and min(med.values()) > 0
+
+
 # -- the checks and the run's robustness ---------------------------------------------------------
 import suites  # noqa: E402
 
