@@ -51,19 +51,25 @@ def known(t: Tensor, private: bool = False) -> Optional[float]:
     given where the caller vouches that no one else has seen `t` (`private`: a fused
     block's or stage's own intermediate)."""
     entry = _table.get(id(t))
-    if entry is None or entry[0]() is not t:
+    if entry is None:
         return None
-    version = entry[1]
+    ref, version, bound = entry
+    if ref() is not t:
+        return None
     if version is None:
-        return entry[2] if private else None
-    return entry[2] if version == t._version else None
+        return bound if private else None
+    return bound if version == t._version else None
 
 
 def record(t: Tensor, bound: float) -> None:
     """Record that |t| <= bound everywhere (`bound` finite and at most `LIMIT`)."""
     if len(_table) >= _MAX_ENTRIES:
         _table.clear()
-    _table[id(t)] = (weakref.ref(t), None if t.is_inference() else t._version, bound)
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor: no version counter
+        version = None
+    _table[id(t)] = (weakref.ref(t), version, bound)
 
 
 def measure(t: Tensor) -> float:
