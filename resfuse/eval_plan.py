@@ -330,6 +330,10 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
         plan.summed.add(shape)
     if bound is not None:
         _record(y, plan.act_scale * (bound if bound > 1.0 else 1.0))
+    elif into:
+        # y is the residual, written by oneDNN's sum without a version bump: a bound it
+        # carried from before must not outlive this call
+        value_bounds.forget(y)
     return y
 
 

@@ -486,16 +486,19 @@ class FusedResidualBlock(reference.ResidualBlock):
         output then never waits in memory while the main path runs (ResNet-50's first
         stage-2 block: measured faster, see docs/cpu.md)."""
         act, be = self.activation, self.backend
+        mem = "low" if self._low else "default"  # (where the checked path runs: gradients)
         out, private = x, owns_input
         for conv, bn in pairs[:-1]:
-            out = conv_bn_act_modules(out, conv, bn, act, backend=be, private_input=private)
+            out = conv_bn_act_modules(out, conv, bn, act, backend=be, memory=mem,
+                                      private_input=private)
             private = True
         conv, bn = pairs[-1]
-        main = conv_bn_act_modules(out, conv, bn, None, backend=be, private_input=True)
+        main = conv_bn_act_modules(out, conv, bn, None, backend=be, memory=mem,
+                                   private_input=True)
         pool, conv, bn = proj
         if pool is not None:
             x = pool(x)
-        return conv_bn_act_modules(x, conv, bn, act, residual=main, backend=be,
+        return conv_bn_act_modules(x, conv, bn, act, residual=main, backend=be, memory=mem,
                                    owns_residual=True, private_input=owns_input)
 
     def extra_repr(self) -> str:

@@ -17,8 +17,13 @@ in-place change to a tensor (which bumps its version, views included) drops its 
 inference tensor has no version counter: its bound is used only inside a fused block or
 stage, on the intermediates no one else sees (so under `torch.inference_mode` each stage
 measures its input afresh).
-Writes that bypass the version counter (`t.data.copy_(...)`, writes through `.numpy()`) are
-not seen: call `clear()` after them (as `resfuse.eval_plan.clear_plans()` for weights).
+Writes that bypass the version counter are not seen: `t.data.copy_(...)`, writes through
+`.numpy()`, `torch.from_dlpack(t)` or `t.untyped_storage()`, or through another tensor made
+to share t's storage with `set_`; call `clear()` after them (as
+`resfuse.eval_plan.clear_plans()` for weights). resfuse's own in-place residual sum (oneDNN's,
+which bumps no version either) records the new bound or drops the old one itself. The table
+holds weak references: `torch.utils.swap_tensors` refuses a tensor that has one (a fused
+conv's output, a measured input) until `clear()`.
 """
 from __future__ import annotations
 
@@ -70,6 +75,12 @@ def record(t: Tensor, bound: float) -> None:
     except RuntimeError:  # an inference tensor: no version counter
         version = None
     _table[id(t)] = (weakref.ref(t), version, bound)
+
+
+def forget(t: Tensor) -> None:
+    """Drop any bound recorded for `t`: its values were changed by a write its version counter
+    does not see (oneDNN's in-place sum does not bump it)."""
+    _table.pop(id(t), None)
 
 
 def measure(t: Tensor) -> float:

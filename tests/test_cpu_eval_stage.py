@@ -229,3 +229,27 @@ def test_training_and_gradients_run_as_sequential():
     out.sum().backward()
     assert_honest(out, plain(x), copy.deepcopy(plain).double()(x.double()), "training")
     assert fused.layer1[0].conv1.weight.grad is not None
+
+
+def test_projection_block_keeps_its_memory_mode_where_gradients_are_needed(monkeypatch):
+    """Eval-mode BN with gradients needed (fine-tuning a frozen-BN model): the projection
+    block's convs take the checked path, each with the block's `memory` mode."""
+    import resfuse.functional as RF
+    torch.manual_seed(0)
+    plain = randomize_bn(reference.Bottleneck(
+        8, 4, 2, nn.Sequential(reference.conv1x1(8, 16, 2), nn.BatchNorm2d(16)))).eval()
+    fused = resfuse.fuse_block(copy.deepcopy(plain)).eval()
+    fused.memory = "low"
+    seen = []
+    real = RF.conv_bn_act
+
+    def spying(*args, **kwargs):
+        seen.append(kwargs.get("memory"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(RF, "conv_bn_act", spying)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    out = fused(x)
+    out.sum().backward()
+    assert seen == ["low"] * 4
+    want = plain(x)
+    assert (out - want).abs().max().item() <= 1e-5 * want.abs().max().item()

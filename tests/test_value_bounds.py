@@ -216,3 +216,72 @@ def test_resnet_nan_pixel_poisons_its_image_as_in_eager(name):
         want, got = plain(x), fused(x)
     assert want[0].isnan().all() and torch.equal(got.isnan(), want.isnan())
     assert not got[1].isnan().any()
+
+
+def _stage(blocks):
+    """A FusedStage of the given reference blocks, converted."""
+    holder = nn.Sequential(nn.Sequential(*blocks))
+    resfuse.convert(holder)
+    assert type(holder[0]) is resfuse.FusedStage
+    return holder[0].eval()
+
+
+def _basic(cin, cout, stride=1, activation="relu"):
+    ds = None
+    if stride != 1 or cin != cout:
+        ds = nn.Sequential(reference.conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+    b = reference.ResidualBlock(cin, cout, stride, downsample=ds, activation=activation)
+    return randomize_bn(b).eval()
+
+
+def _poison(module, what):
+    with torch.no_grad():
+        if what == "weight":
+            module.weight[0, 0].fill_(float("nan"))
+        else:  # a negative running variance: sqrt of it is NaN in eager's BN and in the fold
+            module.running_var[0] = -1.0
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("where", ["conv1 weight", "bn2 running_var", "projection weight"])
+def test_a_nan_inside_a_stage_reaches_the_output_as_in_eager(mode, where):
+    """A non-finite folded weight in one block: its convs run torch's activation, and the
+    stage's residual buffer it summed into must lose the bound it carried from before (the
+    in-place sum bumps no version), so the next block does not run oneDNN's ReLU on NaN."""
+    torch.manual_seed(0)
+    blocks = [_basic(8, 8), _basic(8, 16, 2) if where == "projection weight" else _basic(8, 8),
+              _basic(16 if where == "projection weight" else 8, 16 if where == "projection weight" else 8)]
+    plain = copy.deepcopy(blocks)
+    if where == "conv1 weight":
+        _poison(blocks[1].conv1, "weight")
+    elif where == "bn2 running_var":
+        _poison(blocks[1].bn2, "running_var")
+    else:
+        _poison(blocks[1].downsample[0], "weight")
+    ref_stage = nn.Sequential(*copy.deepcopy(blocks)).eval()
+    stage = _stage(blocks)
+    x = torch.randn(2, 8, 8, 8)
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        stage(x)  # plans made, bounds recorded
+        want, got = ref_stage(x), stage(x)
+    assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
+    with ctx:  # and the healthy stage still runs every relu fused, with eager's values
+        healthy = _stage(plain)
+        ref = nn.Sequential(*copy.deepcopy(plain)).eval()(x)
+        assert (healthy(x) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_an_identity_activation_block_with_nan_weights_keeps_eager_nan():
+    """relu block -> a block with no activation (nothing in place after its oneDNN sum, so no
+    version bump) and a NaN weight -> relu block: eager's NaN comes through (no_grad)."""
+    torch.manual_seed(0)
+    blocks = [_basic(8, 8), _basic(8, 8, activation="identity"), _basic(8, 8)]
+    _poison(blocks[1].conv2, "weight")
+    ref_stage = nn.Sequential(*copy.deepcopy(blocks)).eval()
+    stage = _stage(blocks)
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        stage(x)
+        want, got = ref_stage(x), stage(x)
+    assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
