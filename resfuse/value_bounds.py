@@ -39,7 +39,7 @@ Tensor = torch.Tensor
 # rounding in the sums (a factor under 1.001 for the largest ResNet conv) cannot take a value
 # this size to Inf, whatever order oneDNN's kernels sum in.
 LIMIT = 2.0 ** 120
-_MAX_ENTRIES = 512  # then started over (entries of dead tensors go with it)
+_MAX_ENTRIES = 512  # then the entries of tensors gone are dropped (`_prune`)
 
 # id(tensor) -> (weakref to it, its _version when recorded, bound)
 _table: Dict[int, tuple] = {}
@@ -69,12 +69,22 @@ def known(t: Tensor, private: bool = False) -> Optional[float]:
 def record(t: Tensor, bound: float) -> None:
     """Record that |t| <= bound everywhere (`bound` finite and at most `LIMIT`)."""
     if len(_table) >= _MAX_ENTRIES:
-        _table.clear()
+        _prune()
     try:
         version = t._version
     except RuntimeError:  # an inference tensor: no version counter
         version = None
     _table[id(t)] = (weakref.ref(t), version, bound)
+
+
+def _prune() -> None:
+    """Make room: drop the entries of tensors gone (nearly all of them, a forward later), and
+    start over only if the live ones alone fill the table. (Clearing outright would drop the
+    bounds a forward in progress is carrying, and cost it measures.)"""
+    for key in [k for k, entry in _table.items() if entry[0]() is None]:
+        del _table[key]
+    if len(_table) >= _MAX_ENTRIES // 2:
+        _table.clear()
 
 
 def forget(t: Tensor) -> None:

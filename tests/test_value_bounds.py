@@ -285,3 +285,13 @@ def test_an_identity_activation_block_with_nan_weights_keeps_eager_nan():
         stage(x)
         want, got = ref_stage(x), stage(x)
     assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
+
+
+def test_a_full_table_drops_the_dead_and_keeps_the_live():
+    value_bounds.clear()
+    live = torch.randn(3)
+    value_bounds.record(live, 2.0)
+    for _ in range(value_bounds._MAX_ENTRIES + 10):
+        value_bounds.record(torch.randn(1), 1.0)  # each dead at once
+    assert value_bounds.known(live) == 2.0
+    assert len(value_bounds._table) < value_bounds._MAX_ENTRIES
