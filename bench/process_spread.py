@@ -101,13 +101,9 @@ def main(argv=None) -> int:
                                                    ("eager", "resfuse", "freezing"))) +
               f"; resfuse vs eager {min(vs_eager):.2f}–{max(vs_eager):.2f}×, vs freezing "
               f"{min(vs_frozen):.3f}–{max(vs_frozen):.3f}×.", ""]
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"{env['date'][:10]}-cpu-spread-{a.model}-b{a.batch}-{a.image}-"
-                               f"{a.layout}-{env['commit']}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    from profile_cpu_eval import write_markdown
+    write_markdown(a.out, f"{env['date'][:10]}-cpu-spread-{a.model}-b{a.batch}-{a.image}-"
+                          f"{a.layout}-{env['commit']}", lines)
     return 0
 
 

@@ -181,7 +181,7 @@ def time_split(model, x, frozen, repeats: int = 30) -> list:
 
     def counting(self, x_, w, residual, into=False, bounded=False):
         if self.after is not None:
-            counts["fused" if bounded and self.bounded_unary is not None else "torch"] += 1
+            counts["fused" if self.own_activation(bounded) else "torch"] += 1
         return real_call(self, x_, w, residual, into, bounded)
 
     def measuring(t):
@@ -237,6 +237,18 @@ def nan_logits(models_: dict, x) -> list:
         out.append(f"| {name} | {int(y[0].isnan().sum())} / {y.shape[1]} | "
                    f"{'yes' if bool(y[1:].isfinite().all()) else 'no'} |")
     return out
+
+
+def write_markdown(out_dir: str, name: str, lines: list) -> str:
+    """Write `lines` to `<out_dir>/<name>.md` (the folder made if missing), print them and
+    the path; returns the path (this and bench/process_spread.py's reports)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name + ".md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return path
 
 
 def main(argv=None) -> int:
@@ -303,13 +315,8 @@ def main(argv=None) -> int:
                       *residual_sum_ab(a.model, a.image), ""]
             lines += ["## The residual conv's post-op", "", residual_ops_table.__doc__.split(
                 "\n\n")[0].replace("\n    ", " "), "", *residual_ops_table(a.batch, a.image), ""]
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"{env['date'][:10]}-cpu-profile-{a.model}-b{a.batch}-{a.image}-"
-                               f"{a.layout}-{env['commit']}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    write_markdown(a.out, f"{env['date'][:10]}-cpu-profile-{a.model}-b{a.batch}-{a.image}-"
+                          f"{a.layout}-{env['commit']}", lines)
     return 0
 
 

@@ -469,14 +469,20 @@ class FusedResidualBlock(reference.ResidualBlock):
             return self._eval_projection_last(x, proj, pairs, owns_input)
         shortcut, owned = self._shortcut_owned(x)
         owned = owned or (owns_input and self.downsample is None)  # the shortcut is x
-        out, private = x, owns_input
-        for conv, bn in pairs[:-1]:
-            out = conv_bn_act_modules(out, conv, bn, act, backend=be, memory=mem,
-                                      private_input=private)
-            private = True
+        out = self._main_path(x, pairs, owns_input, mem)
         conv, bn = pairs[-1]
         return conv_bn_act_modules(out, conv, bn, act, residual=shortcut, backend=be,
                                    memory=mem, owns_residual=owned, private_input=True)
+
+    def _main_path(self, x: Tensor, pairs, owns_input: bool, mem: str) -> Tensor:
+        """The post-activation main path up to the last conv's input: each conv -> BN -> act
+        fused. Only x may have been seen by anyone else (`owns_input`: not even x)."""
+        out, private = x, owns_input
+        for conv, bn in pairs[:-1]:
+            out = conv_bn_act_modules(out, conv, bn, self.activation, backend=self.backend,
+                                      memory=mem, private_input=private)
+            private = True
+        return out
 
     def _eval_projection_last(self, x: Tensor, proj, pairs, owns_input: bool) -> Tensor:
         """A projection block in eval on the CPU, in the order torch.compile's frozen graphs
@@ -487,11 +493,7 @@ class FusedResidualBlock(reference.ResidualBlock):
         stage-2 block: measured faster, see docs/cpu.md)."""
         act, be = self.activation, self.backend
         mem = "low" if self._low else "default"  # (where the checked path runs: gradients)
-        out, private = x, owns_input
-        for conv, bn in pairs[:-1]:
-            out = conv_bn_act_modules(out, conv, bn, act, backend=be, memory=mem,
-                                      private_input=private)
-            private = True
+        out = self._main_path(x, pairs, owns_input, mem)
         conv, bn = pairs[-1]
         main = conv_bn_act_modules(out, conv, bn, None, backend=be, memory=mem,
                                    private_input=True)

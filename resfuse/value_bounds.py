@@ -125,4 +125,4 @@ def act_scale(act) -> float:
     """s with |act(z)| <= s * max(|z|, 1), for every activation resfuse knows: each is at
     most |z| in magnitude (relu, relu6, silu, gelu, hardswish, mish, identity) or at most 1
     (hardsigmoid), or a leaky slope times |z|."""
-    return max(abs(getattr(act, "negative_slope", 0.0) or 0.0), 1.0)
+    return max(abs(act.negative_slope), 1.0)

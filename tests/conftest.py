@@ -42,6 +42,18 @@ def wide_interpreter_tiles(monkeypatch):
         monkeypatch.setattr(tiles, "INTERPRETER_TILE_CAP", 256)
 
 
+def spy_eval_runner(monkeypatch, seen):
+    """Calls `seen(runner, x, residual, into, bounded)` before each call of a CPU eval plan's
+    oneDNN runner (`resfuse.backend.eager.OneDNNEvalConv`), then the real call."""
+    from resfuse.backend import eager
+    real = eager.OneDNNEvalConv.__call__
+
+    def spying(self, x, w, residual, into=False, bounded=False):
+        seen(self, x, residual, into, bounded)
+        return real(self, x, w, residual, into, bounded)
+    monkeypatch.setattr(eager.OneDNNEvalConv, "__call__", spying)
+
+
 @pytest.fixture
 def fresh_eval_plans():
     """The CPU eval fast path on, with no plans and no remembered oneDNN refusals, before and

@@ -11,7 +11,7 @@ import torch.nn as nn
 import resfuse
 from resfuse import eval_plan, models, reference
 from resfuse.backend import eager
-from conftest import assert_honest, randomize_bn
+from conftest import assert_honest, randomize_bn, spy_eval_runner
 
 CL = torch.channels_last
 
@@ -23,13 +23,11 @@ pytestmark = pytest.mark.usefixtures("fresh_eval_plans")
 def residual_calls(monkeypatch):
     """Counts the eval runner's residual convs: {"into": in place, "fresh": binary add}."""
     counts = {"into": 0, "fresh": 0}
-    real = eager.OneDNNEvalConv.__call__
 
-    def counting(self, x, w, residual, into=False, bounded=False):
+    def counting(runner, x, residual, into, bounded):
         if residual is not None:
             counts["into" if into else "fresh"] += 1
-        return real(self, x, w, residual, into, bounded)
-    monkeypatch.setattr(eager.OneDNNEvalConv, "__call__", counting)
+    spy_eval_runner(monkeypatch, counting)
     return counts
 
 
@@ -169,12 +167,8 @@ def test_a_projection_block_sums_its_projection_into_the_main_path(pool, monkeyp
     plain = randomize_bn(reference.Bottleneck(8, 4, 2, ds)).eval()
     fused = resfuse.fuse_block(plain).eval()
     calls = []
-    real = eager.OneDNNEvalConv.__call__
-
-    def logging(self, x, w, residual, into=False, bounded=False):
-        calls.append((x.shape[1], residual is not None, into))
-        return real(self, x, w, residual, into, bounded)
-    monkeypatch.setattr(eager.OneDNNEvalConv, "__call__", logging)
+    spy_eval_runner(monkeypatch, lambda runner, x, residual, into, bounded: calls.append(
+        (x.shape[1], residual is not None, into)))
     x = torch.randn(2, 8, 9, 9)
     kept = x.clone()
     with torch.no_grad():

@@ -12,8 +12,7 @@ import torch.nn as nn
 
 import resfuse
 from resfuse import eval_plan, models, reference, value_bounds
-from resfuse.backend import eager
-from conftest import randomize_bn
+from conftest import randomize_bn, spy_eval_runner
 
 CL = torch.channels_last
 
@@ -26,13 +25,11 @@ def runner_calls(monkeypatch):
     """Counts the eval runner's calls by whether oneDNN's own activation ran ("fused": the
     bound allowed it) or torch's pass after it ("torch"), for relu-like activations."""
     counts = {"fused": 0, "torch": 0}
-    real = eager.OneDNNEvalConv.__call__
 
-    def counting(self, x, w, residual, into=False, bounded=False):
-        if self.after is not None:  # an activation oneDNN's own post-op cannot always give
-            counts["fused" if bounded and self.bounded_unary is not None else "torch"] += 1
-        return real(self, x, w, residual, into, bounded)
-    monkeypatch.setattr(eager.OneDNNEvalConv, "__call__", counting)
+    def counting(runner, x, residual, into, bounded):
+        if runner.after is not None:  # an activation oneDNN's own post-op cannot always give
+            counts["fused" if runner.own_activation(bounded) else "torch"] += 1
+    spy_eval_runner(monkeypatch, counting)
     return counts
 
 

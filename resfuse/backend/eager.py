@@ -180,13 +180,18 @@ class OneDNNEvalConv:
     def packed(self, x: Tensor) -> Tensor:
         return _packed_weight(self.folded, x, self.args)
 
+    def own_activation(self, bounded: bool) -> bool:
+        """Whether a call with this `bounded` runs oneDNN's post-op in place of torch's pass
+        (`after`) for an activation oneDNN cannot always give."""
+        return bounded and self.bounded_unary is not None
+
     def __call__(self, x: Tensor, w: Tensor, residual: Optional[Tensor],
                  into: bool = False, bounded: bool = False) -> Tensor:
         """`into`: sum into `residual` in place and return it (the caller owns it and has
         checked `sum_into`); else the result is a fresh tensor and `residual` is kept.
         `bounded`: the pre-activation is known finite (see the class)."""
         after = self.after
-        if bounded and self.bounded_unary is not None:
+        if self.own_activation(bounded):
             after = None
             unary, scalars = self.bounded_unary
         elif residual is None:
