@@ -157,8 +157,9 @@ def time_split(model, x, frozen, repeats: int = 30) -> list:
     model's other modules, bound measures), with freezing's wall time beside it; each model
     is called `repeats` times in a row (not interleaved: the medians above are), the median
     call shown. Also how many relu-like convs ran oneDNN's own activation (their bound
-    allowed it) and how many inputs were measured, per forward."""
-    from resfuse import eval_plan, value_bounds
+    allowed it) and how many inputs were measured, per forward (counted with the stages
+    run through their modules, whose choices a stage program repeats)."""
+    from resfuse import eval_plan, stage_program, value_bounds
     from resfuse.backend import eager
     model(x)
     inside = [0.0]
@@ -190,12 +191,15 @@ def time_split(model, x, frozen, repeats: int = 30) -> list:
     try:
         eager.OneDNNEvalConv.__call__ = counting
         value_bounds.measure = measuring
-        model(x)
+        without_stage_programs(model, x)  # (counted on the modules' path: a stage program
+        #                                    replays the same calls)
         calls = dict(counts)
         eager.OneDNNEvalConv.__call__ = real_call
         value_bounds.measure = real_measure
         for r, op, binary, sum_into in saved:
             r.op, r.binary, r.sum_into = timed(op), timed(binary), timed(sum_into)
+        stage_program.clear()  # (a program holds the ops it was captured with)
+        model(x)
         walls, convs = [], []
         for _ in range(repeats):
             inside[0] = 0.0
@@ -208,6 +212,7 @@ def time_split(model, x, frozen, repeats: int = 30) -> list:
         value_bounds.measure = real_measure
         for r, op, binary, sum_into in saved:
             r.op, r.binary, r.sum_into = op, binary, sum_into
+        stage_program.clear()
     order = sorted(range(repeats), key=walls.__getitem__)
     mid = order[repeats // 2]  # the median call's own split
     wall, conv = walls[mid] * 1e3, convs[mid] * 1e3
@@ -223,6 +228,18 @@ def time_split(model, x, frozen, repeats: int = 30) -> list:
             "| ---: | ---: | ---: | ---: | ---: | ---: |",
             f"| {wall:.2f} | {conv:.2f} | {wall - conv:.2f} | {frozen_ms:.2f} | "
             f"{calls['fused']} of {calls['fused'] + calls['torch']} | {calls['measured']} |"]
+
+
+# resfuse with its stages run through their modules (`resfuse.stage_program` off): the A/B of
+# the stage programs, timed beside the others.
+_NO_PROGRAMS = "resfuse[auto], stage programs off"
+
+
+def without_stage_programs(model, x):
+    """model(x) with stage programs off."""
+    from resfuse import stage_program
+    with stage_program.disabled():
+        return model(x)
 
 
 def nan_logits(models_: dict, x) -> list:
@@ -280,8 +297,9 @@ def main(argv=None) -> int:
                 print(f"{name}: relative error {err:.2e} against eager", file=sys.stderr)
                 return 1
         faults = {}
-        med = _interleaved_medians_ms({n: (lambda m=m: m(x)) for n, m in contestants.items()},
-                                      a.repeats, faults)
+        timed = {n: (lambda m=m: m(x)) for n, m in contestants.items()}
+        timed[_NO_PROGRAMS] = lambda: without_stage_programs(fused, x)
+        med = _interleaved_medians_ms(timed, a.repeats, faults)
         tables = {}
         for name, m in contestants.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -299,7 +317,8 @@ def main(argv=None) -> int:
              f"{' --residual-ops' if a.residual_ops else ''}`", "",
              "Unprofiled, interleaved medians of " + str(a.repeats) + " calls: " +
              ", ".join(f"{n} {ms:.1f} ms" for n, ms in med.items()) +
-             f" (resfuse / freezing: {med[suites.FREEZING] / med['resfuse[auto]']:.3f}×); "
+             f" (resfuse / freezing: {med[suites.FREEZING] / med['resfuse[auto]']:.3f}×; "
+             f"stage programs on / off: {med[_NO_PROGRAMS] / med['resfuse[auto]']:.3f}×); "
              "minor page faults per call: " +
              ", ".join(f"{n} {k:.0f}" for n, k in faults.items()) + ".", ""]
     for name, table in tables.items():

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import weakref
 from typing import Dict, Optional
 
@@ -85,10 +86,16 @@ def register_conv_type(cls) -> None:
 
 
 def clear_plans() -> None:
-    """Forget every plan (and so every packed weight they hold) and every recorded bound on
-    activations (`resfuse.value_bounds`)."""
+    """Forget every plan (and so every packed weight they hold), every stage program
+    (`resfuse.stage_program`) and every recorded bound on activations
+    (`resfuse.value_bounds`)."""
     _plans.clear()
     value_bounds.clear()
+    for forget_programs in _on_clear:
+        forget_programs()
+
+
+_on_clear: list = []  # what else holds plans (`resfuse.stage_program`'s programs)
 
 
 # Stands for an absent tensor (a conv without bias, BN without affine) in a plan's key: its
@@ -225,17 +232,24 @@ def _bound(plan: _ConvPlan, x: Tensor, residual: Optional[Tensor], out_numel: in
         br = _known(residual, private_residual)
         if br is None:
             return None  # (measuring a residual costs more than the pass it would save)
-    bx = _known(x, private_x)
+    return bound_from(plan, _known(x, private_x), br, x, out_numel)[0]
+
+
+def bound_from(plan: _ConvPlan, bx: Optional[float], br: float, x: Tensor, out_numel: int):
+    """`_bound` from x's bound `bx` (None: unknown) and the residual's `br` (0: none):
+    (the bound or None, x's bound after the call: measured here or `bx`). A measured x's
+    bound is recorded."""
     carried = math.inf if bx is None else bx * plan.gain + plan.offset + br
     if carried <= _LOOSE:
-        return carried
+        return carried, bx
     if plan.runner.bounded_unary is None or x.numel() > 4 * out_numel or br > _LIMIT / 2:
-        return carried if carried <= _LIMIT else None
-    bx = value_bounds.measure(x)
-    if bx <= _LIMIT:
-        value_bounds.record(x, bx)
-    b = min(bx * plan.gain + plan.offset + br, carried)
-    return b if b <= _LIMIT else None
+        return (carried if carried <= _LIMIT else None), bx
+    measured = value_bounds.measure(x)
+    if measured <= _LIMIT:
+        value_bounds.record(x, measured)
+        bx = measured
+    b = min(measured * plan.gain + plan.offset + br, carried)
+    return (b if b <= _LIMIT else None), bx
 
 
 # Looked up once: the per-call path below is what a batch-1 forward pays per conv.
@@ -243,6 +257,73 @@ _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _autocast_enabled = torch.is_autocast_enabled
 _scope_get = dispatch._scope.get
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """`dispatch.requested(backend)`, answered without it in the common case (no backend
+    asked for anywhere: "auto")."""
+    if backend is None and _scope_get() is None and _ENV_KEY is not None and _ENV_KEY not in _ENV:
+        return "auto"
+    return dispatch.requested(backend)
+
+
+def stale(plan: _ConvPlan, w, cb, bw, bb, rm, rv) -> bool:
+    """Whether the six tensors a plan folded (as the modules hold them now) are no longer the
+    ones it was made with, or have changed since (`_versions`, written out: this runs per
+    conv per call)."""
+    if (w is not plan.w or cb is not plan.cb or bw is not plan.bw or bb is not plan.bb
+            or rm is not plan.rm or rv is not plan.rv):
+        return True
+    cb_, bw_, bb_ = (_ABSENT if cb is None else cb, _ABSENT if bw is None else bw,
+                     _ABSENT if bb is None else bb)
+    return plan.versions != (w._version, cb_._version, bw_._version, bb_._version, rm._version,
+                             rv._version, w.data_ptr(), cb_.data_ptr(), bw_.data_ptr(),
+                             bb_.data_ptr(), rm.data_ptr(), rv.data_ptr())
+
+
+# A recorder of the plan calls made (`resfuse.stage_program` captures a stage so), or None,
+# and the thread whose calls it records.
+_recorder: Optional[list] = None
+_recorder_thread: Optional[int] = None
+
+
+def set_recorder(recorder: Optional[list], thread: Optional[int] = None) -> tuple:
+    """Append a `PlanCall` (or `ModuleCall`) to `recorder` for every call a plan answers in
+    thread `thread` (`threading.get_ident()`; recorder None: stop); returns the recorder and
+    thread before, to be set back."""
+    global _recorder, _recorder_thread
+    old = (_recorder, _recorder_thread)
+    _recorder, _recorder_thread = recorder, thread
+    return old
+
+
+class ModuleCall:
+    """A module called between plan calls (a ResNet-D projection's average pool), as
+    `resfuse.stage_program` replays it."""
+    __slots__ = ("module", "x", "y")
+
+    def __init__(self, module, x, y):
+        self.module, self.x, self.y = module, x, y
+
+
+def call_module(module, x: Tensor) -> Tensor:
+    """module(x), recorded where a recorder is set (`set_recorder`)."""
+    y = module(x)
+    if _recorder is not None and _recorder_thread == threading.get_ident():
+        _recorder.append(ModuleCall(module, x, y))
+    return y
+
+
+class PlanCall:
+    """One call a plan answered, as `resfuse.stage_program` replays it: the tensors as given
+    (`x`, `residual`) and returned (`y`), and what the call did with them."""
+    __slots__ = ("plan", "packed", "x", "residual", "y", "into", "copy_x", "copy_residual",
+                 "out_numel")
+
+    def __init__(self, plan, packed, x, residual, y, into, copy_x, copy_residual, out_numel):
+        self.plan, self.packed, self.x, self.residual, self.y = plan, packed, x, residual, y
+        self.into, self.copy_x, self.copy_residual = into, copy_x, copy_residual
+        self.out_numel = out_numel
 
 
 def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
@@ -273,21 +354,9 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
         return None
     if _autocast_enabled("cpu") or not eager._cpu_fused_conv:
         return None
-    if backend is None and _scope_get() is None and _ENV_KEY is not None and _ENV_KEY not in _ENV:
-        requested = "auto"
-    else:
-        requested = dispatch.requested(backend)
+    requested = requested_backend(backend)
     plan = _plans.get(id(conv))
-    if plan is not None:
-        # (`_versions`, written out: an absent tensor stands as `_ABSENT`)
-        cb_, bw_, bb_ = (_ABSENT if cb is None else cb, _ABSENT if bw is None else bw,
-                         _ABSENT if bb is None else bb)
-        versions = (w._version, cb_._version, bw_._version, bb_._version, rm._version,
-                    rv._version, w.data_ptr(), cb_.data_ptr(), bw_.data_ptr(), bb_.data_ptr(),
-                    rm.data_ptr(), rv.data_ptr())
-    if (plan is None or w is not plan.w or cb is not plan.cb or bw is not plan.bw
-            or bb is not plan.bb or rm is not plan.rm or rv is not plan.rv
-            or plan.versions != versions or plan.dtype is not x.dtype
+    if (plan is None or stale(plan, w, cb, bw, bb, rm, rv) or plan.dtype is not x.dtype
             or plan.requested != requested or plan.residual is (residual is None)
             or (plan.act_arg is not activation and plan.act != as_activation(activation))):
         plan = _build(x, conv, bn, activation, residual, requested, backend)
@@ -307,10 +376,12 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
                 or type(residual) is not Tensor):
             return None  # the checked path converts or refuses it
     bound = _bound(plan, x, residual, out_shape.numel(), private_input, owns_residual)
+    given_x, given_residual, copy_residual = x, residual, False
     if residual is not None:
         into = plan.runner.sum_into is not None
         if not residual.is_contiguous(memory_format=_CL):
             residual = residual.contiguous(memory_format=_CL)  # a copy: ours to sum into
+            copy_residual = True
         elif into and not owns_residual:
             into = False
         elif into and shape not in plan.summed:
@@ -319,7 +390,8 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
             residual = residual.clone(memory_format=_CL)
     else:
         into = False
-    if not x.is_contiguous(memory_format=_CL):
+    copy_x = not x.is_contiguous(memory_format=_CL)
+    if copy_x:
         x = x.contiguous(memory_format=_CL)  # once, where a chain of fused convs starts
     try:
         y = plan.runner(x, packed, residual, into, bound is not None)
@@ -328,6 +400,9 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
         return None
     if into:
         plan.summed.add(shape)
+    if _recorder is not None and _recorder_thread == threading.get_ident():
+        _recorder.append(PlanCall(plan, packed, given_x, given_residual, y, into, copy_x,
+                                  copy_residual, out_shape.numel()))
     if bound is not None:
         _record(y, plan.act_scale * (bound if bound > 1.0 else 1.0))
     elif into:

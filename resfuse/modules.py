@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import eval_plan
+from . import eval_plan, stage_program
 from . import functional as RF
 from . import reference
 from .activations import ActivationLike, as_activation
@@ -499,7 +499,7 @@ class FusedResidualBlock(reference.ResidualBlock):
                                    private_input=True)
         pool, conv, bn = proj
         if pool is not None:
-            x = pool(x)
+            x = eval_plan.call_module(pool, x)  # (recorded where a stage is captured)
         return conv_bn_act_modules(x, conv, bn, act, residual=main, backend=be, memory=mem,
                                    owns_residual=True, private_input=owns_input)
 
@@ -539,13 +539,9 @@ class FusedBottleneck(FusedResidualBlock):
 
 
 _module_hooks = nn.modules.module
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    """Whether `m` has forward or backward hooks of its own (the converter's and FusedStage's
-    test: a fused op would not call them)."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
+# Whether a module has forward or backward hooks of its own (the converter's and FusedStage's
+# test: a fused op would not call them).
+_has_hooks = stage_program.has_hooks
 
 
 class FusedStage(nn.Sequential):
@@ -559,6 +555,11 @@ class FusedStage(nn.Sequential):
     can see that intermediate: the blocks have no hooks, no global module hooks are set, the
     blocks' `forward` is their class's own, and nothing traces or compiles. Otherwise, and
     for the stage's input (the caller's tensor, never written), it runs as nn.Sequential.
+
+    Without gradients (`torch.no_grad()`, `torch.inference_mode()`), a stage of post-activation
+    fused blocks is captured once per input shape, strides and dtype and then replayed: its
+    oneDNN calls with no module Python between them (`resfuse.stage_program`), the same calls
+    and values, while the stage's modules and weights are as they were.
     """
 
     def forward(self, input: Tensor) -> Tensor:
@@ -568,11 +569,35 @@ class FusedStage(nn.Sequential):
                 or _module_hooks._global_backward_hooks
                 or getattr(_module_hooks, "_global_backward_pre_hooks", None)):
             return super().forward(input)
+        if stage_program.applies():
+            y = stage_program.replay(self, input)
+            if y is not None:
+                return y
+            return stage_program.capture(self, input, self._program_blocks(), self._blocks)
+        return self._blocks(input)
+
+    def _blocks(self, input: Tensor) -> Tensor:
+        """The stage through its modules, each fused block's output handed on as the next
+        block's own."""
         owned = False
         for m in self._modules.values():
-            if (isinstance(m, FusedResidualBlock) and not _has_hooks(m)
-                    and "forward" not in m.__dict__):
+            if _runs_own(m):
                 input, owned = m._forward(input, owned), True
             else:
                 input, owned = m(input), False
         return input
+
+    def _program_blocks(self):
+        """The children, where all are fused post-activation blocks a program can stand for
+        (`resfuse.stage_program`), else None."""
+        blocks = list(self._modules.values())
+        if blocks and all(_runs_own(m) and not m.preact for m in blocks):
+            return blocks
+        return None
+
+
+def _runs_own(m) -> bool:
+    """Whether a stage may run `m` as a fused block handing on its output (`_forward`): a
+    FusedResidualBlock with no hooks and no `forward` of the instance's own."""
+    return (isinstance(m, FusedResidualBlock) and not _has_hooks(m)
+            and "forward" not in m.__dict__)

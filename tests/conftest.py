@@ -44,9 +44,13 @@ def wide_interpreter_tiles(monkeypatch):
 
 def spy_eval_runner(monkeypatch, seen):
     """Calls `seen(runner, x, residual, into, bounded)` before each call of a CPU eval plan's
-    oneDNN runner (`resfuse.backend.eager.OneDNNEvalConv`), then the real call."""
+    oneDNN runner (`resfuse.backend.eager.OneDNNEvalConv`), then the real call. Stage programs
+    are turned off meanwhile: a replay calls oneDNN without the runner (the tests of
+    `resfuse.stage_program` compare the two paths)."""
+    from resfuse import stage_program
     from resfuse.backend import eager
     real = eager.OneDNNEvalConv.__call__
+    monkeypatch.setattr(stage_program, "_enabled", False)
 
     def spying(self, x, w, residual, into=False, bounded=False):
         seen(self, x, residual, into, bounded)

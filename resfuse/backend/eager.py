@@ -138,6 +138,11 @@ def _bounded_attrs(act: Activation, residual: bool):
     return None
 
 
+def activate_(act: Activation, y: Tensor) -> Tensor:
+    """act(y) in place (relu through its own method: the cheapest call)."""
+    return y.relu_() if act.kind == "relu" else act.forward_(y)
+
+
 def _raw(overload):
     """The C++ callable behind an op overload (its `_op`), where this torch has one: the
     overload's own `__call__` is one more Python frame per conv. None stays None."""
@@ -185,19 +190,21 @@ class OneDNNEvalConv:
         (`after`) for an activation oneDNN cannot always give."""
         return bounded and self.bounded_unary is not None
 
+    def post_ops(self, residual: bool, bounded: bool) -> tuple:
+        """(unary, scalars, after) of a call: oneDNN's post-op and the activation torch then
+        applies in place (None: oneDNN's gives it)."""
+        if self.own_activation(bounded):
+            return self.bounded_unary + (None,)
+        if residual:
+            return None, [], self.after
+        return self.unary, self.scalars, self.after
+
     def __call__(self, x: Tensor, w: Tensor, residual: Optional[Tensor],
                  into: bool = False, bounded: bool = False) -> Tensor:
         """`into`: sum into `residual` in place and return it (the caller owns it and has
         checked `sum_into`); else the result is a fresh tensor and `residual` is kept.
         `bounded`: the pre-activation is known finite (see the class)."""
-        after = self.after
-        if self.own_activation(bounded):
-            after = None
-            unary, scalars = self.bounded_unary
-        elif residual is None:
-            unary, scalars = self.unary, self.scalars
-        else:
-            unary, scalars = None, []
+        unary, scalars, after = self.post_ops(residual is not None, bounded)
         if residual is None:
             y = self.op(x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
                         unary, scalars, self.algo)
@@ -207,9 +214,7 @@ class OneDNNEvalConv:
         else:
             y = self.binary(x, residual, w, self.bias, self.padding, self.stride, self.dilation,
                             self.groups, "add", None, unary, scalars, None)
-        if after is None:
-            return y
-        return y.relu_() if after.kind == "relu" else after.forward_(y)
+        return y if after is None else activate_(after, y)
 
 
 class EagerBackend(Backend):
