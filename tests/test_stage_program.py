@@ -406,3 +406,54 @@ def test_under_inference_mode_a_replay_fuses_every_relu(replays):
         got = fused(x)
         _close(got, plain(x))
     assert unaries == ["relu"] * 4
+
+
+# ---- the torchvision and timm mirrors (tests/mirrors.py), and the real models where they import
+
+import mirrors  # noqa: E402
+
+
+def _replays_like_the_modules(plain, fused, replays, side=64):
+    """Converted `fused` (a copy of `plain`, eval): replayed, the modules' values and eager's,
+    a NaN pixel poisoning its image as in eager."""
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        for _ in range(3):
+            got = fused(x)
+        assert replays["n"] >= 4
+        assert torch.equal(got, _modules_path(fused, x))
+        _close(got, plain(x))
+        bad = x.clone()
+        bad[0, :, side // 2, side // 3] = float("nan")
+        want = plain(bad)
+        assert torch.equal(fused(bad).isnan(), want.isnan()) and want[0].isnan().all()
+
+
+@pytest.mark.parametrize("name", ["tv_resnet50", "tv_resnext50_32x4d", "timm_resnet18",
+                                  "timm_resnet50d"])
+def test_mirrors_replay(name, replays):
+    torch.manual_seed(0)
+    plain = randomize_bn(getattr(mirrors, name)(num_classes=10)).eval()
+    fused = copy.deepcopy(plain)
+    resfuse.convert(fused)
+    _replays_like_the_modules(plain, fused, replays)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+def test_real_torchvision_models_replay(name, replays):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    plain = randomize_bn(getattr(tv.models, name)(num_classes=10)).eval()
+    fused = copy.deepcopy(plain)
+    resfuse.convert(fused)
+    _replays_like_the_modules(plain, fused, replays)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50d", "resnet26t"])
+def test_real_timm_models_replay(name, replays):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    plain = randomize_bn(timm.create_model(name, num_classes=10)).eval()
+    fused = copy.deepcopy(plain)
+    resfuse.convert(fused)
+    _replays_like_the_modules(plain, fused, replays)
