@@ -281,20 +281,27 @@ def stale(plan: _ConvPlan, w, cb, bw, bb, rm, rv) -> bool:
                              bb_.data_ptr(), rm.data_ptr(), rv.data_ptr())
 
 
-# A recorder of the plan calls made (`resfuse.stage_program` captures a stage so), or None,
-# and the thread whose calls it records.
-_recorder: Optional[list] = None
-_recorder_thread: Optional[int] = None
+# Recorders of the plan calls made (`resfuse.stage_program` captures a stage so): one per
+# thread at most (`threading.local`: captures in two threads at once record each its own
+# calls), and how many are set in all, so that a call with none set pays one comparison.
+_recording = threading.local()
+_recorders = 0
+_recorders_lock = threading.Lock()
 
 
-def set_recorder(recorder: Optional[list], thread: Optional[int] = None) -> tuple:
+def set_recorder(recorder: Optional[list]) -> Optional[list]:
     """Append a `PlanCall` (or `ModuleCall`) to `recorder` for every call a plan answers in
-    thread `thread` (`threading.get_ident()`; recorder None: stop); returns the recorder and
-    thread before, to be set back."""
-    global _recorder, _recorder_thread
-    old = (_recorder, _recorder_thread)
-    _recorder, _recorder_thread = recorder, thread
+    this thread (None: stop); returns this thread's recorder before, to be set back."""
+    global _recorders
+    old = getattr(_recording, "events", None)
+    with _recorders_lock:
+        _recorders += (recorder is not None) - (old is not None)
+    _recording.events = recorder
     return old
+
+
+def _recorder() -> Optional[list]:
+    return getattr(_recording, "events", None) if _recorders else None
 
 
 class ModuleCall:
@@ -309,8 +316,9 @@ class ModuleCall:
 def call_module(module, x: Tensor) -> Tensor:
     """module(x), recorded where a recorder is set (`set_recorder`)."""
     y = module(x)
-    if _recorder is not None and _recorder_thread == threading.get_ident():
-        _recorder.append(ModuleCall(module, x, y))
+    events = _recorder()
+    if events is not None:
+        events.append(ModuleCall(module, x, y))
     return y
 
 
@@ -400,9 +408,11 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
         return None
     if into:
         plan.summed.add(shape)
-    if _recorder is not None and _recorder_thread == threading.get_ident():
-        _recorder.append(PlanCall(plan, packed, given_x, given_residual, y, into, copy_x,
-                                  copy_residual, out_shape.numel()))
+    if _recorders:
+        events = _recorder()
+        if events is not None:
+            events.append(PlanCall(plan, packed, given_x, given_residual, y, into, copy_x,
+                                   copy_residual, out_shape.numel()))
     if bound is not None:
         _record(y, plan.act_scale * (bound if bound > 1.0 else 1.0))
     elif into:

@@ -173,6 +173,9 @@ def _key(x: Tensor) -> tuple:
     return (x.shape, x.stride(), x.dtype)
 
 
+_STRIDED = torch.strided
+
+
 _LIMIT, _LOOSE = value_bounds.LIMIT, eval_plan._LOOSE
 _record = value_bounds.record
 _NO_RESIDUAL, _SUM_INTO, _BINARY = 0, 1, 2  # a conv step's call (OneDNNEvalConv.__call__'s three)
@@ -186,14 +189,16 @@ def replay(stage, x: Tensor) -> Optional[Tensor]:
     `_conv_step` prepared: at batch 1 each line of Python here costs about what a line of
     the modules does, so there are as few as can be."""
     progs = _programs.get(id(stage))
-    if progs is None or type(x) is not Tensor:
+    if progs is None or type(x) is not Tensor or x.layout is not _STRIDED:
         return None
     key = (x.shape, x.stride(), x.dtype)
     prog = progs.get(key)
     if type(prog) is not _Program:
         return None
     if not prog.current(stage):
-        del progs[key]
+        # What changed (weights, most often) has outdated the programs of other input kinds
+        # too: all go, and with them what they hold (plans, packed weights, modules).
+        progs.clear()
         return None
     buf = [None] * prog.slots
     bounds = [None] * prog.slots
@@ -206,6 +211,8 @@ def replay(stage, x: Tensor) -> Optional[Tensor]:
             xt = buf[xs]
             if kind is None:  # a module (an average pool): its output's bound is not known
                 y, b = op(xt), None
+                if y.shape != packed:  # (its shape as captured: the next conv's packing)
+                    return None  # the modules run from x: nothing of the caller's written
             else:
                 if rs is None:
                     r, br = None, 0.0
@@ -215,14 +222,16 @@ def replay(stage, x: Tensor) -> Optional[Tensor]:
                 if br is not None:
                     bx = bounds[xs]
                     b = bx * gain + offset + br if bx is not None else math.inf
-                    if b > _LOOSE:
+                    # (written `not b <= ...`: a NaN bound, 0 * inf of a zero input and a
+                    # non-finite weight's gain, must count as no bound)
+                    if not b <= _LOOSE:
                         if may_measure and br <= _LIMIT / 2:
                             m = value_bounds.measure(xt)
                             if m <= _LIMIT:
                                 _record(xt, m)
                                 bounds[xs] = m
                             b = min(m * gain + offset + br, b)
-                        if b > _LIMIT:
+                        if not b <= _LIMIT:
                             b = None
                 unary, scalars, after = free if b is None else bounded
                 if copy_r:
@@ -249,8 +258,9 @@ def replay(stage, x: Tensor) -> Optional[Tensor]:
                 buf[d] = None
     except RuntimeError:
         # oneDNN refused a call it took at capture: only the program's own intermediates
-        # have been written (the input never is), so the modules can run from x.
-        progs[key] = _MAX_FAILED
+        # have been written (the input never is), so the modules can run from x. Counted
+        # as a failed capture: were the refusal to stay, the next capture sees it too.
+        progs[key] = 1
         return None
     if b is not None:
         _record(y, b)
@@ -282,27 +292,39 @@ def capture(stage, x: Tensor, blocks, run) -> Tensor:
     """`run(x)` (the stage through its modules), recording the plans' calls to make the
     stage's program for x's kind. `blocks`: the stage's fused blocks, all of its children,
     or None where a child is not one a program can stand for (then nothing is recorded)."""
+    if blocks is None or type(x) is not Tensor or x.layout is not _STRIDED:
+        return run(x)
     progs = _programs.get(id(stage))
     key = _key(x)
     failed = 0 if progs is None else progs.get(key, 0)
-    if (blocks is None or type(x) is not Tensor or type(failed) is not int
-            or failed >= _MAX_FAILED or _norms(blocks) is None):
+    if type(failed) is not int or failed >= _MAX_FAILED or _norms(blocks) is None:
         return run(x)  # (a state that may pass, such as a BN in training, is not counted)
     events: list = []
-    old = eval_plan.set_recorder(events, threading.get_ident())
+    old = eval_plan.set_recorder(events)  # (this thread's calls only)
     try:
         y = run(x)
     finally:
-        eval_plan.set_recorder(*old)
+        eval_plan.set_recorder(old)
     prog = _build(stage, blocks, x, y, events)
     del events
-    if progs is None:
-        progs = _programs[id(stage)] = {}
-        weakref.finalize(stage, _programs.pop, id(stage), None)
+    if id(stage) not in _programs:
+        if id(stage) not in _finalized:  # (once per stage: `clear()` keeps this)
+            _finalized.add(id(stage))
+            weakref.finalize(stage, _forget_stage, id(stage))
+        _programs[id(stage)] = {}
+    progs = _programs[id(stage)]
     if len(progs) >= _MAX_KEYS and key not in progs:
         progs.clear()
     progs[key] = prog if prog is not None else failed + 1
     return y
+
+
+_finalized: set = set()  # ids of the live stages whose death drops their programs
+
+
+def _forget_stage(stage_id: int) -> None:
+    _programs.pop(stage_id, None)
+    _finalized.discard(stage_id)
 
 
 def _norms(blocks) -> Optional[dict]:
@@ -328,6 +350,7 @@ def _build(stage, blocks, x: Tensor, y: Tensor, events: list) -> Optional[_Progr
     if norms is None:
         return None
     slots = {id(x): 0}  # id(tensor) -> the slot a replay holds it in
+    caller = {0}  # slots holding the caller's tensor (x, or a module's output that is x)
     steps, convs, uses = [], [], []
     count = 1
     for ev in events:
@@ -336,7 +359,11 @@ def _build(stage, blocks, x: Tensor, y: Tensor, events: list) -> Optional[_Progr
             return None
         if isinstance(ev, eval_plan.ModuleCall):
             rs = None
-            step = [None, ev.module, xs, None, count, ()] + [None] * 10
+            # (the output's shape stands where a conv step has its packed weight: a replay
+            # checks it, since the next conv's weight was packed for it)
+            step = [None, ev.module, xs, None, count, (), None, None, ev.y.shape] + [None] * 7
+            if ev.y is ev.x and xs in caller:  # (an nn.Identity pool: timm's stride-1 ResNet-D)
+                caller.add(count)
         else:
             plan = ev.plan
             conv = plan.conv_ref()
@@ -346,8 +373,8 @@ def _build(stage, blocks, x: Tensor, y: Tensor, events: list) -> Optional[_Progr
             # oneDNN to refuse a call, a replay starts the stage over from its input, so its
             # own intermediates need not be kept intact.)
             if (bn is None or (ev.residual is not None and rs is None)
-                    or (ev.into and not ev.copy_residual and rs == 0)):
-                return None  # (the stage's input is the caller's: never summed into)
+                    or (ev.into and not ev.copy_residual and rs in caller)):
+                return None  # (the caller's tensor is never summed into)
             convs.append((conv, bn, plan))
             step = _conv_step(ev, xs, rs, count)
         slots[id(ev.y)] = count  # (an in-place sum's y is its residual: now this slot's)
@@ -362,5 +389,7 @@ def _build(stage, blocks, x: Tensor, y: Tensor, events: list) -> Optional[_Progr
         if rs is not None:
             last_use[rs] = i
     for i, step in enumerate(steps):
+        if step[0] == _SUM_INTO and not step[7] and last_use[step[3]] != i:
+            return None  # (summed into in place, yet read later: the modules never do this)
         step[5] = tuple(s for s, at in last_use.items() if at == i and s != step[4])
     return _Program(stage, blocks, convs, tuple(tuple(s) for s in steps), count)

@@ -272,14 +272,19 @@ def test_a_projection_stage_replays(pool, replays):
     plain = nn.Sequential(*copy.deepcopy(blocks)).eval()
     stage = _stage_of(blocks)
     x = torch.randn(2, 16, 9, 9)
+    x0 = x.clone()
     with torch.no_grad():
         outs = [stage(x) for _ in range(3)]
         assert replays["n"] >= 1
         want = plain(x)
         for got in outs:
-            assert torch.equal(got, outs[0])
+            assert torch.equal(got, _modules_path(stage, x))
         _close(outs[-1], want)
-        assert torch.equal(x, x.clone())  # (the input is never written)
+        assert torch.equal(x, x0)  # (the input is never written)
+        bad = x.clone()
+        bad[1, 3, 4, 4] = float("nan")
+        w = plain(bad)
+        assert torch.equal(stage(bad).isnan(), w.isnan()) and w[1].isnan().any()
 
 
 def test_a_refused_call_in_a_replay_runs_the_modules(replays):
@@ -298,9 +303,11 @@ def test_a_refused_call_in_a_replay_runs_the_modules(replays):
         got = fused(x)
         _close(got, plain(x))
         assert torch.equal(got, _modules_path(fused, x))
-        assert progs[key] == stage_program._MAX_FAILED  # not captured again for this input
-        fused(x)
-        assert progs[key] == stage_program._MAX_FAILED
+        # the same call ran the modules and captured afresh (had oneDNN gone on refusing,
+        # that capture would fail too, and two failures stop the captures of this input)
+        assert type(progs[key]) is stage_program._Program and progs[key] is not prog
+        n = replays["n"]
+        assert torch.equal(fused(x), got) and replays["n"] == n + 4
 
 
 def test_stages_a_program_cannot_stand_for_run_their_modules(replays):
@@ -358,18 +365,51 @@ def test_input_kinds_each_have_a_program(replays):
 
 def test_a_capture_records_only_its_own_thread():
     plain, fused = _resnet("resnet18")
-    x = _input()
-    events = []
-    other = threading.Thread(target=lambda: None)
+    x = torch.randn(2, 64, 16, 16)
+    events, started, done = [], threading.Event(), threading.Event()
+
+    def recording():  # another thread's capture in progress
+        old = eval_plan.set_recorder(events)
+        started.set()
+        done.wait(10)
+        eval_plan.set_recorder(old)
+    other = threading.Thread(target=recording)
     other.start()
-    other.join()
-    old = eval_plan.set_recorder(events, other.ident)
+    started.wait(10)
     try:
         with torch.no_grad():
-            fused.layer1(x[:, :1].expand(-1, 64, -1, -1)[:, :, ::4, ::4].contiguous())
+            fused.layer1(x)
     finally:
-        eval_plan.set_recorder(*old)
-    assert events == []
+        done.set()
+        other.join()
+    assert events == [] and eval_plan._recorders == 0
+
+
+def test_threads_capturing_and_replaying_at_once(replays):
+    """Several threads run one model at once from its first call (captures overlapping):
+    every output is the modules' and no recorder is left set."""
+    plain, fused = _resnet("resnet18")
+    xs = [_input() for _ in range(4)]
+    with torch.no_grad():
+        want = [_modules_path(fused, x) for x in xs]
+    eval_plan.clear_plans()
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            with torch.no_grad():
+                for k in range(4):
+                    got[i, k] = fused(xs[i])
+        except Exception as e:  # (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(torch.equal(y, want[i]) for (i, _), y in got.items())
+    assert eval_plan._recorders == 0 and replays["n"] > 0
 
 
 def test_the_output_carries_its_bound_to_the_next_stage(replays):
@@ -457,3 +497,138 @@ def test_real_timm_models_replay(name, replays):
     fused = copy.deepcopy(plain)
     resfuse.convert(fused)
     _replays_like_the_modules(plain, fused, replays)
+
+
+def test_a_non_finite_weight_with_a_zero_input_keeps_its_nan():
+    """0 * inf: a zero input's bound (0) times a NaN weight's gain (inf) is NaN, which must
+    count as no bound (oneDNN's ReLU would turn the NaN into 0)."""
+    torch.manual_seed(0)
+    blocks = [_block(8, 8), _block(8, 8)]
+    with torch.no_grad():
+        blocks[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    plain = nn.Sequential(*copy.deepcopy(blocks)).eval()
+    stage = _stage_of(blocks)
+    x = torch.zeros(2, 8, 6, 6)
+    with torch.no_grad():
+        want = plain(x)
+        assert want.isnan().any()
+        for _ in range(3):
+            got = stage(x)
+            assert torch.equal(got.isnan(), want.isnan())
+    assert any(type(p) is stage_program._Program
+               for p in stage_program._programs[id(stage)].values())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf")])
+def test_an_infinite_pixel_as_in_eager(bad, replays):
+    plain, fused = _resnet("resnet50")
+    x = _input()
+    _warm(fused, x, replays)
+    x = x.clone()
+    x[1, 0, 7, 9] = bad
+    with torch.no_grad():
+        got, want = fused(x), plain(x)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert not want[1].isfinite().all() and want[0].isfinite().all()
+
+
+def test_backend_choice_and_switches_after_capture(replays, monkeypatch):
+    from resfuse.backend import eager
+    plain, fused = _resnet("resnet18")
+    x = _input()
+    _warm(fused, x, replays)
+
+    def no_replay(*ctx):
+        n = replays["n"]
+        _check(plain, fused, x)
+        assert replays["n"] == n
+    old = eager.set_cpu_fused_conv(False)
+    try:
+        no_replay()
+    finally:
+        eager.set_cpu_fused_conv(old)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        n = replays["n"]
+        with torch.no_grad():
+            fused(x)
+        assert replays["n"] == n
+    with resfuse.use_backend("pieces"):
+        no_replay()
+    monkeypatch.setenv("RESFUSE_BACKEND", "pieces")
+    no_replay()
+    monkeypatch.delenv("RESFUSE_BACKEND")
+    fused.layer2[1].backend = "pieces"
+    n = replays["n"]
+    _check(plain, fused, x)
+    assert replays["n"] <= n + 6  # (layer2 no longer replays: its block asks for another backend)
+    fused.layer2[1].backend = None
+    _check(plain, fused, x)
+
+
+def test_a_downsample_replaced_or_an_identity_pool(replays):
+    torch.manual_seed(0)
+    blocks = [_block(8, 16, 1), _block(16, 16)]
+    ds = blocks[0].downsample
+    blocks[0].downsample = nn.Sequential(nn.Identity(), ds[0], ds[1])  # timm's stride-1 ResNet-D
+    plain = nn.Sequential(*copy.deepcopy(blocks)).eval()
+    stage = _stage_of(blocks)
+    x = torch.randn(2, 8, 7, 7)
+    x0 = x.clone()
+    with torch.no_grad():
+        for _ in range(3):
+            got = stage(x)
+        assert replays["n"] >= 1 and torch.equal(x, x0)
+        assert torch.equal(got, _modules_path(stage, x))
+        _close(got, plain(x))
+        torch.manual_seed(4)
+        new = randomize_bn(nn.Sequential(reference.conv1x1(8, 16), nn.BatchNorm2d(16))).eval()
+        plain[0].downsample = copy.deepcopy(new)
+        stage[0].downsample = copy.deepcopy(new)
+        got = stage(x)
+        _close(got, plain(x))
+        assert torch.equal(got, _modules_path(stage, x)) and torch.equal(stage(x), got)
+
+
+def test_a_pool_changed_after_capture(replays):
+    torch.manual_seed(0)
+    blocks = [_block(8, 16, 2, pool=True), _block(16, 16)]
+    plain = nn.Sequential(*copy.deepcopy(blocks)).eval()
+    stage = _stage_of(blocks)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        for _ in range(3):
+            stage(x)
+        assert replays["n"] >= 1
+        for m in (plain, stage):
+            m[0].downsample[0].ceil_mode = False  # another output shape (4x4, not 5x5)
+        with pytest.raises(RuntimeError):
+            plain(x)  # (the shapes no longer add up: eager refuses)
+        with pytest.raises(Exception):
+            stage(x)
+
+
+def test_to_another_dtype_and_back_after_capture(replays):
+    plain, fused = _resnet("resnet18")
+    x = _input()
+    _warm(fused, x, replays)
+    for m in (plain, fused):
+        m.double()
+    with torch.no_grad():
+        _close(fused(x.double()), plain(x.double()))
+    for m in (plain, fused):
+        m.float()
+    _check(plain, fused, x)
+
+
+def test_a_stale_program_drops_the_other_input_kinds(replays):
+    plain, fused = _resnet("resnet18")
+    a, b = _input(), _input(side=48)
+    _warm(fused, a, replays)
+    _warm(fused, b, replays)
+    assert all(len(p) == 2 for p in stage_program._programs.values())
+    _both(plain, fused, _scale_in_place)
+    _check(plain, fused, a)
+    # layer2's and layer3's weights changed: their programs for `b` went with the stale ones
+    # for `a`; layer1's and layer4's are still current, both kept
+    counts = [len(stage_program._programs[id(getattr(fused, f"layer{i}"))]) for i in range(1, 5)]
+    assert counts == [2, 1, 1, 2]
