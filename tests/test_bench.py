@@ -257,7 +257,10 @@ def test_quick_suite_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text, full = readme.read_text(), docs.read_text()
     assert "old" not in text + full and text.endswith("y\n") and full.endswith("y\n")
-    assert "CPU: ResNet-50 eval, channels_last, batch" in text and "| resnet50 | training step |" in text
+    assert "CPU: ResNet-50 eval, channels_last, batch" in text
+    # resfuse alone against eager with a target for each model case: the README shows the
+    # targets, docs/benchmarks.md the case table too
+    assert "| resnet50 | training step |" not in text
     assert "| resnet50 | training step | eager |" in full and jpath.name in full
     assert "TABLE = {}" in measured.read_text()  # a CPU run decides nothing
 
@@ -369,6 +372,21 @@ def test_targets_table():
     assert got["ResNet-50 training step, img/s (long run: ≈ 7,000)"] == ("8,533", "yes")
     text = "\n".join(report.render_suite(_gpu_run({"block": 1.2})))
     assert "| bottleneck training step ≥ 1.5× eager | 1.20× | no |" in text
+    # a miss that would round to the target shows the digit that misses it
+    run = _gpu_run({"block": 1.6})
+    next(r for r in run["rows"] if r["mode"] == "eval")["speedup_vs_compile"] = 0.9991
+    got = {t: (m, ok) for t, m, ok in report.targets(run)}
+    assert got["ResNet-50 eval ≥ torch.compile"] == ("0.999×", "no")
+
+
+def test_front_page_leaves_out_a_case_table_the_targets_repeat():
+    """README's compact section: a run of resfuse alone against eager with at least as many
+    targets as model cases shows the targets only; with other contestants, the cases too."""
+    run = _gpu_run({"block": 1.6})
+    text = "\n".join(report._front_suite(run))
+    assert "| target (docs/design.md) |" in text and "| case | mode |" not in text
+    run["settings"]["contestants"] = ["eager", "torch.compile", "resfuse[auto]"]
+    assert "| case | mode |" in "\n".join(report._front_suite(run))
 
 
 def test_plots(tmp_path):
