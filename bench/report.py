@@ -443,17 +443,16 @@ def _front_suite(r: dict) -> list:
     if tg:
         out += ["| target (docs/design.md) | measured | met |", "| --- | ---: | :---: |"]
         out += [f"| {t} | {m} | {ok} |" for t, m, ok in tg] + [""]
-    cells = {(x["case"], x["mode"], x["dtype"], x["layout"], x["batch"]) for x in rows}
-    if others == ["resfuse[auto]"] and len(tg) >= len(cells):
+    groups = {}
+    for x in rows:
+        groups.setdefault((x["case"], x["mode"], x["dtype"], x["layout"], x["batch"]), []).append(x)
+    if others == ["resfuse[auto]"] and len(tg) >= len(groups):
         # (a run of as many targets as cases, resfuse alone against eager: the targets give
         # its ratios, the times are in docs/benchmarks.md)
-        rows = []
-    if rows:
+        groups = {}
+    if groups:
         out += ["| case | mode | eager ms | " + " | ".join(f"{c} vs eager" for c in others) + " |",
                 "| --- | --- | ---: |" + " ---: |" * len(others)]
-        groups = {}
-        for x in rows:
-            groups.setdefault((x["case"], x["mode"], x["dtype"], x["layout"], x["batch"]), []).append(x)
         multi = len({k[2:] for k in groups}) > 1  # several dtypes, layouts or batches
         for (case, mode, dtype, layout, batch), group in groups.items():
             if multi:
