@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import eval_plan, stage_program
+from . import eval_plan, stage_program, train_plan
 from . import functional as RF
 from . import reference
 from .activations import ActivationLike, as_activation
@@ -149,18 +149,29 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activati
                         private_input: bool = False) -> Tensor:
     """act(bn(conv(x)) + residual) with the state of two existing modules. In eval mode on
     the CPU, the module pair's eval plan (`resfuse.eval_plan`) answers where it can: checks
-    and backend choice made once per weight version, the result in channels_last.
+    and backend choice made once per weight version, the result in channels_last; in
+    training, its training plan (`resfuse.train_plan`): checks and backend choice made once
+    per kind of call, then eager's differentiable ops.
     `owns_residual`: the caller's residual is dead after this call, so the plan may sum into
     it in place and return it (elsewhere it is left as it is). `private_input`: no one but
     the caller has seen x (its own intermediate; see `eval_plan.conv_bn_act`)."""
+    planned = None
     if not bn.training:
         y = eval_plan.conv_bn_act(x, conv, bn, activation, residual, backend, owns_residual,
                                   private_input)
         if y is not None:
             return y
+    elif memory == "default":
+        planned = train_plan.run(x, conv, bn, activation, residual, backend)
+        if planned is not None and planned is not train_plan.MISS:
+            return planned
+    given_x = x
     x, conv_kw = _conv_args(conv, x)
-    return RF.conv_bn_act(x, **conv_kw, **_bn_args(bn), activation=activation,
-                          residual=residual, backend=backend, memory=memory)
+    y = RF.conv_bn_act(x, **conv_kw, **_bn_args(bn), activation=activation,
+                       residual=residual, backend=backend, memory=memory)
+    if planned is train_plan.MISS:  # (checked without error: the next such call is planned)
+        train_plan.make(given_x, conv, bn, activation, residual, backend)
+    return y
 
 
 def bn_act_conv_modules(x: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, activation,
