@@ -27,11 +27,13 @@ Not planned: a BN in eval (the eval plan's case, `resfuse.eval_plan`), a synchro
 `memory="low"`, a non-zero padding mode or an asymmetric "same" padding, a backend that does
 not run the chain (a kernel backend's autograd Function), an empty batch, and modules other
 than those the eval plans run (exactly nn.Conv2d or the converter's slots, a BatchNorm2d kind).
+`set_enabled(False)` turns plans off (process-wide); `eval_plan.clear_plans()` drops them.
 Writes through `.data` that change a BN tensor's dtype or device but not the weight's are not
 seen: torch's ops then raise their own error rather than resfuse's.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Dict, Optional
 
@@ -50,6 +52,7 @@ _CL = torch.channels_last
 _plans: Dict[int, "_TrainPlan"] = {}
 
 MISS = object()  # `run`: the call may be planned, but no plan answers it (see `make`)
+_enabled = True
 
 _grad_enabled = torch.is_grad_enabled
 _autocast_enabled = torch.is_autocast_enabled
@@ -63,6 +66,24 @@ def clear() -> None:
 
 
 eval_plan._on_clear.append(clear)
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turn training plans on or off (off: every training call takes the checked path, as
+    the benchmarks' A/B compares); returns the old value."""
+    global _enabled
+    old, _enabled = _enabled, bool(enabled)
+    return old
+
+
+@contextlib.contextmanager
+def disabled():
+    """A scope in which training plans are off (the old setting restored after)."""
+    old = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(old)
 
 
 class _TrainPlan:
@@ -99,8 +120,8 @@ def run(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[s
     """act(bn(conv(x)) + residual) for a BN in training, by the pair's plan; `MISS` where
     the call may be planned but no plan answers it (the caller runs the checked path, then
     `make`); None where it is not a case for plans at all."""
-    if (type(x) is not Tensor or not x.is_cpu or not _grad_enabled() or _is_compiling()
-            or _autocast_enabled("cpu")):
+    if (not _enabled or type(x) is not Tensor or not x.is_cpu or not _grad_enabled()
+            or _is_compiling() or _autocast_enabled("cpu")):
         return None
     plan = _plans.get(id(conv))
     if plan is None or plan.conv_ref() is not conv:

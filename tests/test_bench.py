@@ -513,6 +513,16 @@ def test_process_spread_measures_all_three_in_one_process():
     assert set(med) == {"eager", "resfuse", "freezing"} and min(med.values()) > 0
 
 
+def test_process_spread_training_steps():
+    """Its training mode: eager, resfuse, and the same converted model with training plans
+    off (the switch restored after each step)."""
+    import process_spread
+    from resfuse import train_plan
+    med = process_spread.one_process("resnet18", 2, 32, "nchw", 1, "train_step")
+    assert set(med) == {"eager", "resfuse", "resfuse, training plans off"}
+    assert min(med.values()) > 0 and train_plan._enabled
+
+
 # -- the checks and the run's robustness ---------------------------------------------------------
 import suites  # noqa: E402
 

@@ -289,6 +289,19 @@ def _sync(pair):
     return fused, plain
 
 
+def test_switched_off(monkeypatch):
+    fused, plain = _fused_and_plain()
+    x = torch.randn(2, 4, 6, 6)
+    _step(fused, x), _step(plain, x)
+    checked = _CheckedCalls(monkeypatch)
+    with train_plan.disabled():
+        for _ in range(2):
+            _assert_same(_step(fused, x), _step(plain, x))
+    assert checked.n == 2 and train_plan._enabled
+    _assert_same(_step(fused, x), _step(plain, x))
+    assert checked.n == 2
+
+
 def test_gradcheck_through_the_plan():
     conv, bn = _pair()
     fused = resfuse.FusedConvBNAct.from_modules(conv, bn, "silu").double().train()
