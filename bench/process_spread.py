@@ -49,7 +49,9 @@ def one_process(model: str, batch: int, image: int, layout: str, repeats: int,
     torch.manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     train = mode == "train_step"
-    plain = getattr(models, model)().train(train).to(memory_format=fmt)
+    # (MobileNetV2's dropout off, as bench's suite has it: a training check must agree)
+    plain = getattr(models, model)(**suites._MODEL_KWARGS.get(model, {}))
+    plain = plain.train(train).to(memory_format=fmt)
     fused = copy.deepcopy(plain)
     resfuse.convert(fused)
     x = torch.randn(batch, 3, image, image).contiguous(memory_format=fmt)
@@ -91,7 +93,8 @@ def one_process(model: str, batch: int, image: int, layout: str, repeats: int,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"])
+    p.add_argument("--model", default="resnet18",  # (bench/suites.py's MODELS)
+                   choices=["resnet18", "resnet50", "mobilenet_v2", "densenet121"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--image", type=int, default=160)
     p.add_argument("--layout", default="nchw", choices=["nchw", "channels_last"])

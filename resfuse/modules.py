@@ -178,18 +178,27 @@ def bn_act_conv_modules(x: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, activati
                         residual: Optional[Tensor] = None, backend: Optional[str] = None,
                         memory: str = "default") -> Tensor:
     """conv(act(bn(x))) + residual with the state of two existing modules. In eval mode on
-    the CPU, eager's own ops answer where they can (`resfuse.eval_plan.bn_act_conv`)."""
+    the CPU, eager's own ops answer where they can (`resfuse.eval_plan.bn_act_conv`); in
+    training, the pair's training plan (`resfuse.train_plan`)."""
+    planned = None
     if not bn.training:
         y = eval_plan.bn_act_conv(x, bn, conv, activation, residual, backend)
         if y is not None:
             return y
+    elif memory == "default":
+        planned = train_plan.run(x, conv, bn, activation, residual, backend, conv_first=False)
+        if planned is not None and planned is not train_plan.MISS:
+            return planned
     if conv.padding_mode != "zeros":  # the padding belongs after the activation
         a = RF.bn_act(x, **_bn_args(bn), activation=activation, backend=backend)
         y = conv(a)
         return y if residual is None else y + residual
     _, conv_kw = _conv_args(conv, x)
-    return RF.bn_act_conv(x, **_bn_args(bn), **conv_kw, activation=activation,
-                          residual=residual, backend=backend, memory=memory)
+    y = RF.bn_act_conv(x, **_bn_args(bn), **conv_kw, activation=activation,
+                       residual=residual, backend=backend, memory=memory)
+    if planned is train_plan.MISS:  # (checked without error: the next such call is planned)
+        train_plan.make(x, conv, bn, activation, residual, backend, conv_first=False)
+    return y
 
 
 def _tail_bn_args(bn: nn.BatchNorm2d, prefix: str = "") -> dict:

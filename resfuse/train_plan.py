@@ -3,9 +3,10 @@ module pair and kind of call.
 
 In training a fused conv -> BN (batch statistics) -> (+ residual) -> act runs as differentiable
 torch ops, the eager backend's chain (aten's convolution, batch_norm, add_, relu_), so that
-the backward is eager's own. Before those ops, `resfuse.functional.conv_bn_act` checks every
-argument and chooses the backend: tens of microseconds of Python per conv, which at batch 1
-was all of resfuse's gap to eager in a training step. A training plan keeps what those checks
+the backward is eager's own; so does a pre-activation BN -> act -> conv (+ residual).
+Before those ops, `resfuse.functional.conv_bn_act` (`bn_act_conv`) checks every argument and
+chooses the backend: tens of microseconds of Python per conv, which at batch 1 was all of
+resfuse's gap to eager in a training step. A training plan keeps what those checks
 found for one module pair and one kind of call, and while calls stay of that kind runs the
 chain directly, with the module's current tensors and settings.
 
@@ -27,6 +28,8 @@ Not planned: a BN in eval (the eval plan's case, `resfuse.eval_plan`), a synchro
 `memory="low"`, a non-zero padding mode or an asymmetric "same" padding, a backend that does
 not run the chain (a kernel backend's autograd Function), an empty batch, and modules other
 than those the eval plans run (exactly nn.Conv2d or the converter's slots, a BatchNorm2d kind).
+A conv keeps one plan: a conv called alternately with and without a residual, or at two
+input shapes, is checked at each change.
 `set_enabled(False)` turns plans off (process-wide); `eval_plan.clear_plans()` drops them.
 Writes through `.data` that change a BN tensor's dtype or device but not the weight's are not
 seen: torch's ops then raise their own error rather than resfuse's.
@@ -88,11 +91,13 @@ def disabled():
 
 class _TrainPlan:
     """What the checked path found for one module pair and one kind of call."""
-    __slots__ = ("conv_ref", "bn_ref", "shape", "stride", "dtype", "residual", "w", "cb", "bw",
+    __slots__ = ("conv_first", "conv_ref", "bn_ref", "shape", "stride", "dtype", "residual", "w", "cb", "bw",
                  "bb", "rm", "rv", "nbt", "geometry", "momentum", "eps", "tracking",
                  "momentum_arg", "eps_arg", "act_arg", "requested", "chain", "cp", "act")
 
-    def __init__(self, x, conv, bn, activation, residual, requested, chain, cp, act, tensors):
+    def __init__(self, conv_first, x, conv, bn, activation, residual, requested, chain, cp, act,
+                 tensors):
+        self.conv_first = conv_first  # conv -> BN -> act, or BN -> act -> conv
         self.conv_ref, self.bn_ref = weakref.ref(conv), weakref.ref(bn)
         self.shape, self.stride, self.dtype = x.shape, x.stride(), x.dtype
         self.residual = None if residual is None else (residual.shape, residual.dtype)
@@ -116,15 +121,17 @@ def _tensors(conv, bn) -> tuple:
             bnb.get("num_batches_tracked") if tracking else None)
 
 
-def run(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[str]):
-    """act(bn(conv(x)) + residual) for a BN in training, by the pair's plan; `MISS` where
-    the call may be planned but no plan answers it (the caller runs the checked path, then
-    `make`); None where it is not a case for plans at all."""
+def run(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[str],
+        conv_first: bool = True):
+    """act(bn(conv(x)) + residual) (`conv_first=False`: conv(act(bn(x))) + residual) for a
+    BN in training, by the pair's plan; `MISS` where the call may be planned but no plan
+    answers it (the caller runs the checked path, then `make`); None where it is not a case
+    for plans at all."""
     if (not _enabled or type(x) is not Tensor or not x.is_cpu or not _grad_enabled()
             or _is_compiling() or _autocast_enabled("cpu")):
         return None
     plan = _plans.get(id(conv))
-    if plan is None or plan.conv_ref() is not conv:
+    if plan is None or plan.conv_ref() is not conv or plan.conv_first is not conv_first:
         return MISS
     cps, bnp, bnb = conv._parameters, bn._parameters, bn._buffers
     w, cb, bw, bb = cps["weight"], cps["bias"], bnp["weight"], bnp["bias"]
@@ -151,14 +158,19 @@ def run(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[s
     if residual is not None and (type(residual) is not Tensor or not residual.is_cpu
                                  or (residual.shape, residual.dtype) != plan.residual):
         return MISS
-    return plan.chain(x, w, cb, bw, bb, rm, rv, nbt, residual, plan.cp, True,
+    if conv_first:
+        return plan.chain(x, w, cb, bw, bb, rm, rv, nbt, residual, plan.cp, True,
+                          plan.momentum_arg, plan.eps_arg, plan.act)
+    return plan.chain(x, bw, bb, rm, rv, nbt, w, cb, residual, plan.cp, True,
                       plan.momentum_arg, plan.eps_arg, plan.act)
 
 
-def make(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[str]) -> None:
+def make(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[str],
+         conv_first: bool = True) -> None:
     """Plan the call the checked path has just run without error (`run` said `MISS`), where
     it is a case for plans. The backend is chosen as the checked path chose it."""
-    if (type(conv) not in eval_plan._CONV_TYPES or type(bn) not in eval_plan._BN_TYPES
+    convs = eval_plan._CONV_TYPES if conv_first else eval_plan._PRE_CONV_TYPES
+    if (type(conv) not in convs or type(bn) not in eval_plan._BN_TYPES
             or hasattr(bn, "process_group")  # (nn.SyncBatchNorm, resfuse's: synchronised)
             or conv.padding_mode != "zeros"
             or not bn.training or x.dim() != 4 or x.shape[0] == 0
@@ -172,14 +184,15 @@ def make(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[
     if cp.pre_pad != (0, 0):
         return
     try:
-        be = dispatch.select(Case("conv_bn_act", "cpu", x.dtype,
+        be = dispatch.select(Case("conv_bn_act" if conv_first else "bn_act_conv", "cpu", x.dtype,
                                   memory_format_of(x) == _CL, cp.groups, True), backend)
     except dispatch.BackendUnavailable:
         return
     if not be.autograd_chain:
         return
-    plan = _TrainPlan(x, conv, bn, activation, residual, _requested(backend),
-                      be.conv_bn_act_chain, cp, as_activation(activation), tensors)
+    chain = be.conv_bn_act_chain if conv_first else be.bn_act_conv_chain
+    plan = _TrainPlan(conv_first, x, conv, bn, activation, residual, _requested(backend), chain,
+                      cp, as_activation(activation), tensors)
     key = id(conv)
     old = _plans.get(key)
     if old is None or old.conv_ref() is not conv:

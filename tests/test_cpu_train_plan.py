@@ -137,6 +137,50 @@ def _step_keep(m, x):
             [buffers[n].clone() for n in sorted(buffers)])
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pre_activation_chains_by_plans_are_eagers(layout):
+    """DenseNet's BN -> ReLU -> conv chains (the converter's pre-activation slots) and a
+    pre-activation block's: planned too, with eager's results step after step."""
+    torch.manual_seed(0)
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    for plain, x in ((models.densenet121(num_classes=5), torch.randn(2, 3, 32, 32)),
+                     (reference.ResidualBlock(8, 8, preact=True), torch.randn(2, 8, 6, 6))):
+        plain = randomize_bn(plain).train().to(memory_format=fmt)
+        holder = nn.Sequential(copy.deepcopy(plain))
+        report = resfuse.convert(holder)
+        assert report.swapped or report.chains
+        x = x.contiguous(memory_format=fmt)
+        for _ in range(3):
+            _assert_same(_step_keep(holder[0], x), _step_keep(plain, x), tol=1e-5)
+            for m in (plain, holder):
+                m.zero_grad()
+        pre = [p for p in train_plan._plans.values() if not p.conv_first]
+        assert pre, type(plain).__name__
+        train_plan.clear()
+
+
+def test_a_pre_activation_plan_is_not_a_post_activation_one(monkeypatch):
+    """The same conv and BN called in the other order: checked again, not answered by the
+    other order's plan."""
+    conv, bn = _pair(cin=6)
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    from resfuse.modules import bn_act_conv_modules, conv_bn_act_modules
+    act = resfuse.activations.as_activation("relu")
+    conv_bn_act_modules(x, conv, bn, act), conv_bn_act_modules(x, conv, bn, act)
+    checked = {"n": 0}
+    real = RF.bn_act_conv
+
+    def counted(*a, **k):
+        checked["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(RF, "bn_act_conv", counted)
+    want = reference.bn_act_conv(x, bn.weight, bn.bias, bn.running_mean.clone(),
+                                 bn.running_var.clone(), conv.weight, conv.bias, training=True,
+                                 activation="relu", padding=1)
+    torch.testing.assert_close(bn_act_conv_modules(x, bn, conv, act), want)
+    assert checked["n"] == 1
+
+
 def _edit_momentum(conv, bn):
     bn.momentum = 0.3
 
