@@ -253,8 +253,9 @@ class FusedConvBNAct(nn.Module):
         return self
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return conv_bn_act_modules(x, self.conv, self.bn, self.activation, residual, self.backend,
-                                   getattr(self, "memory", "default"))
+        mods = self._modules  # (not nn.Module.__getattr__'s lookup: this runs per call)
+        return conv_bn_act_modules(x, mods["conv"], mods["bn"], self.activation, residual,
+                                   self.backend, getattr(self, "memory", "default"))
 
     def extra_repr(self) -> str:
         return (f"activation={self.activation}, backend={self.backend or 'auto'}, "
