@@ -198,8 +198,8 @@ def run_case(case: suites.Case, s: suites.Settings, env: dict) -> list:
         with patch:
             built = case.build(s)
             checks, source = built.checks, built.source
-            times = measure.time_interleaved(built.fns, s.repeats, s.warmup, s.device,
-                                             case.clock)
+            times = measure.time_interleaved(built.fns, max(s.repeats, case.min_repeats),
+                                             s.warmup, s.device, case.clock)
             # A graph replay allocates nothing (its pool is reserved at capture): no peak.
             peaks = {n: None if n.endswith("+cuda-graph") else measure.peak_memory(fn, s.device)
                      for n, fn in built.fns.items()}

@@ -106,6 +106,7 @@ class Case:
     nbytes_eager: Optional[int] = None
     fused_calls: Optional[int] = None  # fused conv calls per timed call (the overhead case)
     clock: Optional[Callable[[], float]] = None  # CPU: timed by this clock, not perf_counter
+    min_repeats: int = 0  # timed at least this many times, whatever --repeats asks
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -719,6 +720,10 @@ def models_cases(s: Settings, quick: bool = False) -> List[Case]:
 
 # -- Python overhead per fused call (CPU) --------------------------------------------------------
 OVERHEAD_CONVS, OVERHEAD_REPS = 16, 10
+# Its timed calls are short (about 5 ms), and on a shared 2-core host their median over the
+# default 10 repeats moved from 4.4 to 14.9 us of overhead between runs a minute apart (the
+# 2026-12-04 `...-overhead-0df8460*` files); over 60 it held within 0.3 us. 60 cost a second.
+OVERHEAD_MIN_REPEATS = 60
 
 
 def overhead_case(s: Settings) -> Case:
@@ -730,7 +735,7 @@ def overhead_case(s: Settings) -> Case:
     the chain 10 times; the rows give microseconds per fused conv (`us_per_fused_call`), and
     resfuse's row `python_overhead_us`: (resfuse - bare) per fused call. Run on one thread and
     timed by that thread's CPU time (`time.thread_time`), so that other load on the machine
-    (which deschedules the thread) does not count."""
+    (which deschedules the thread) does not count, at least `OVERHEAD_MIN_REPEATS` times."""
     n_calls = OVERHEAD_CONVS * OVERHEAD_REPS
     c = 8
 
@@ -788,7 +793,7 @@ def overhead_case(s: Settings) -> Case:
 
     return Case("models", f"python overhead: {OVERHEAD_CONVS} fused conv1x1 {c}ch @1x1, "
                 f"x{OVERHEAD_REPS}", "eval", dict(x=[1, c, 1, 1]), OVERHEAD_REPS, build,
-                fused_calls=n_calls, clock=time.thread_time)
+                fused_calls=n_calls, clock=time.thread_time, min_repeats=OVERHEAD_MIN_REPEATS)
 
 
 def cases(suite: str, s: Settings) -> List[Case]:

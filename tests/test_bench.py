@@ -329,6 +329,7 @@ def test_python_overhead_case(tmp_path):
     assert fused["us_per_fused_call"] == pytest.approx(fused["median_ms"] * 1e3 / 160)
     assert fused["python_overhead_us"] == pytest.approx(fused["us_per_fused_call"]
                                                         - bare["us_per_fused_call"])
+    assert all(row["repeats"] == 60 for row in rows.values())  # (its minimum, over TINY's)
 
 
 # -- report and plots --------------------------------------------------------------------------
