@@ -354,8 +354,11 @@ def conv_bn_act(x: Tensor, conv, bn, activation, residual: Optional[Tensor],
             or type(x) is not Tensor or not x.is_cpu or _is_compiling()):
         return None
     cps, bnp, bnb = conv._parameters, bn._parameters, bn._buffers
-    w, cb, bw, bb = cps["weight"], cps["bias"], bnp["weight"], bnp["bias"]
-    rm, rv = bnb["running_mean"], bnb["running_var"]
+    try:
+        w, cb, bw, bb = cps["weight"], cps["bias"], bnp["weight"], bnp["bias"]
+        rm, rv = bnb["running_mean"], bnb["running_var"]
+    except KeyError:  # (a tensor computed from others: pruning, a parametrization)
+        return None
     if _grad_enabled() and (
             x.requires_grad or (residual is not None and residual.requires_grad)
             or any(t is not None and t.requires_grad for t in (w, cb, bw, bb))):
@@ -436,11 +439,14 @@ def bn_act_conv(x: Tensor, bn, conv, activation, residual: Optional[Tensor],
             or type(x) is not Tensor or not x.is_cpu or _is_compiling() or x.dim() != 4
             or conv.padding_mode != "zeros"):
         return None
-    rm, rv = bn._buffers["running_mean"], bn._buffers["running_var"]
+    try:
+        rm, rv = bn._buffers["running_mean"], bn._buffers["running_var"]
+        w, cb = conv._parameters["weight"], conv._parameters["bias"]
+        bw, bb = bn._parameters["weight"], bn._parameters["bias"]
+    except KeyError:  # (a tensor computed from others: pruning, a parametrization)
+        return None
     if rm is None or rv is None:
         return None
-    w, cb = conv._parameters["weight"], conv._parameters["bias"]
-    bw, bb = bn._parameters["weight"], bn._parameters["bias"]
     if _grad_enabled() and (
             x.requires_grad or (residual is not None and residual.requires_grad)
             or any(t is not None and t.requires_grad for t in (w, cb, bw, bb))):

@@ -14,12 +14,12 @@ A plan answers a call only where all of these are as when it was made (else the 
 runs, raises its error where there is one, and the plan is made again):
 * x's shape, strides and dtype (on the CPU), and the residual's shape and dtype (or none);
 * the identity of the conv's weight and bias and the BN's weight, bias, running statistics
-  and batch counter, and the weight's dtype and device (`module.to(...)` keeps a Parameter
-  and swaps its data);
-* the conv's stride, padding, dilation and groups, the BN's momentum, eps and
-  `track_running_stats` (identity: an attribute set anew, even to an equal value, remakes the
-  plan), the BN module itself, the activation, and the backend the call asks for
-  (`backend=`, the `use_backend` scope, RESFUSE_BACKEND);
+  and batch counter, and the storage of each (`module.to(...)` and `.data = ...` keep the
+  object and swap its storage; an optimizer step writes into it in place);
+* the conv's stride, padding, dilation, groups and padding mode (equal values); the BN's
+  momentum, eps and `track_running_stats`, the BN module itself and the activation
+  (identity: an attribute set anew, even to an equal value, remakes the plan); the backend
+  the call asks for (`backend=`, the `use_backend` scope, RESFUSE_BACKEND);
 * gradients needed (grad mode on, and the weight, x or another tensor requiring grad), no
   autocast, no torch.compile tracing.
 Nothing of the tensors' values is kept: an optimizer step needs no new plan.
@@ -28,15 +28,17 @@ Not planned: a BN in eval (the eval plan's case, `resfuse.eval_plan`), a synchro
 `memory="low"`, a non-zero padding mode or an asymmetric "same" padding, a backend that does
 not run the chain (a kernel backend's autograd Function), an empty batch, and modules other
 than those the eval plans run (exactly nn.Conv2d or the converter's slots, a BatchNorm2d kind).
-A conv keeps one plan: a conv called alternately with and without a residual, or at two
-input shapes, is checked at each change.
-`set_enabled(False)` turns plans off (process-wide); `eval_plan.clear_plans()` drops them.
-Writes through `.data` that change a BN tensor's dtype or device but not the weight's are not
-seen: torch's ops then raise their own error rather than resfuse's.
+Nor are modules whose weight is computed from other tensors (pruning, parametrizations, weight
+norm: their attribute is not the parameter dict's tensor), and activations given as modules
+(whose settings may change; names and `Activation`s cannot). A conv keeps one plan: a conv
+called alternately with and without a residual, or at two input shapes, is checked at each
+change. `set_enabled(False)` turns plans off (process-wide); `eval_plan.clear_plans()` drops
+them.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from typing import Dict, Optional
 
@@ -44,7 +46,7 @@ import torch
 
 from . import backend as dispatch
 from . import eval_plan
-from .activations import as_activation
+from .activations import Activation, as_activation
 from .backend.base import Case, memory_format_of
 from .validation import conv_params
 
@@ -91,9 +93,10 @@ def disabled():
 
 class _TrainPlan:
     """What the checked path found for one module pair and one kind of call."""
-    __slots__ = ("conv_first", "conv_ref", "bn_ref", "shape", "stride", "dtype", "residual", "w", "cb", "bw",
-                 "bb", "rm", "rv", "nbt", "geometry", "momentum", "eps", "tracking",
-                 "momentum_arg", "eps_arg", "act_arg", "requested", "chain", "cp", "act")
+    __slots__ = ("conv_first", "conv_ref", "bn_ref", "shape", "stride", "dtype", "residual", "w",
+                 "cb", "bw", "bb", "rm", "rv", "nbt", "present", "ptrs", "geometry", "momentum",
+                 "eps", "tracking", "momentum_arg", "eps_arg", "act_arg", "requested", "chain",
+                 "cp", "act")
 
     def __init__(self, conv_first, x, conv, bn, activation, residual, requested, chain, cp, act,
                  tensors):
@@ -102,7 +105,12 @@ class _TrainPlan:
         self.shape, self.stride, self.dtype = x.shape, x.stride(), x.dtype
         self.residual = None if residual is None else (residual.shape, residual.dtype)
         self.w, self.cb, self.bw, self.bb, self.rm, self.rv, self.nbt = tensors
-        self.geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        # The storage of each tensor present: a `.data` assignment or `module.to(...)` keeps
+        # the object and swaps its storage (an optimizer step writes into it in place).
+        self.present = tuple(t for t in tensors if t is not None)
+        self.ptrs = tuple(map(_data_ptr, self.present))
+        # Copies: a list-valued padding edited in place must not edit the plan's too.
+        self.geometry = tuple(map(copy.copy, _geometry(conv)))
         self.momentum, self.eps, self.tracking = bn.momentum, bn.eps, bn.track_running_stats
         # (as the checked path passes them on)
         self.momentum_arg = None if bn.momentum is None else float(bn.momentum)
@@ -111,13 +119,22 @@ class _TrainPlan:
         self.requested, self.chain, self.cp = requested, chain, cp
 
 
+_data_ptr = Tensor.data_ptr
+
+
+def _geometry(conv) -> tuple:
+    return (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+
+
 def _tensors(conv, bn) -> tuple:
-    """(weight, bias, BN weight, BN bias, running mean, running var, batch counter), as the
-    checked path gets them from the modules in training (`modules._bn_args`)."""
+    """(weight, bias, BN weight, BN bias, running mean, running var, batch counter) as the
+    modules' parameter and buffer dicts hold them (None: absent), those the checked path
+    reads in training (`modules._bn_args`)."""
     cps, bnp, bnb = conv._parameters, bn._parameters, bn._buffers
     tracking = bn.track_running_stats
-    return (cps["weight"], cps["bias"], bnp["weight"], bnp["bias"],
-            bnb["running_mean"] if tracking else None, bnb["running_var"] if tracking else None,
+    return (cps.get("weight"), cps.get("bias"), bnp.get("weight"), bnp.get("bias"),
+            bnb.get("running_mean") if tracking else None,
+            bnb.get("running_var") if tracking else None,
             bnb.get("num_batches_tracked") if tracking else None)
 
 
@@ -131,38 +148,51 @@ def run(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[s
             or _is_compiling() or _autocast_enabled("cpu")):
         return None
     plan = _plans.get(id(conv))
-    if plan is None or plan.conv_ref() is not conv or plan.conv_first is not conv_first:
+    if (plan is None or plan.conv_ref() is not conv or plan.conv_first is not conv_first
+            or bn is not plan.bn_ref()):
         return MISS
     cps, bnp, bnb = conv._parameters, bn._parameters, bn._buffers
-    w, cb, bw, bb = cps["weight"], cps["bias"], bnp["weight"], bnp["bias"]
+    w, cb, bw, bb = cps.get("weight"), cps.get("bias"), bnp.get("weight"), bnp.get("bias")
+    tracking = bn.track_running_stats
+    if tracking:
+        rm, rv = bnb.get("running_mean"), bnb.get("running_var")
+        nbt = bnb.get("num_batches_tracked")
+    else:
+        rm = rv = nbt = None
+    if (w is not plan.w or cb is not plan.cb or bw is not plan.bw or bb is not plan.bb
+            or rm is not plan.rm or rv is not plan.rv or nbt is not plan.nbt
+            or (residual is None) is not (plan.residual is None)):
+        return MISS
+    if residual is not None and (type(residual) is not Tensor or not residual.is_cpu
+                                 or (residual.shape, residual.dtype) != plan.residual):
+        return MISS
     if not (w.requires_grad or x.requires_grad
             or (residual is not None and residual.requires_grad)
             or (cb is not None and cb.requires_grad) or (bw is not None and bw.requires_grad)
             or (bb is not None and bb.requires_grad)):
         return None  # (no gradients needed: the checked path runs the op alone)
-    tracking = bn.track_running_stats
-    if tracking:
-        rm, rv, nbt = bnb["running_mean"], bnb["running_var"], bnb.get("num_batches_tracked")
-    else:
-        rm = rv = nbt = None
-    if (bn is not plan.bn_ref() or x.shape != plan.shape or x.dtype is not plan.dtype
-            or (residual is None) is not (plan.residual is None)
-            or w is not plan.w or cb is not plan.cb or bw is not plan.bw or bb is not plan.bb
-            or rm is not plan.rm or rv is not plan.rv or nbt is not plan.nbt
-            or w.dtype is not plan.dtype or not w.is_cpu
+    if (x.shape != plan.shape or x.dtype is not plan.dtype
+            or tuple(map(_data_ptr, plan.present)) != plan.ptrs
             or activation is not plan.act_arg or bn.momentum is not plan.momentum
             or bn.eps is not plan.eps or tracking is not plan.tracking
-            or (conv.stride, conv.padding, conv.dilation, conv.groups) != plan.geometry
-            or x.stride() != plan.stride or _requested(backend) != plan.requested):
-        return MISS
-    if residual is not None and (type(residual) is not Tensor or not residual.is_cpu
-                                 or (residual.shape, residual.dtype) != plan.residual):
+            or _geometry(conv) != plan.geometry or x.stride() != plan.stride
+            or _requested(backend) != plan.requested):
         return MISS
     if conv_first:
         return plan.chain(x, w, cb, bw, bb, rm, rv, nbt, residual, plan.cp, True,
                           plan.momentum_arg, plan.eps_arg, plan.act)
     return plan.chain(x, bw, bb, rm, rv, nbt, w, cb, residual, plan.cp, True,
                       plan.momentum_arg, plan.eps_arg, plan.act)
+
+
+def _held_by_the_modules(conv, bn, tensors) -> bool:
+    """Whether the modules' attributes are the tensors of their parameter and buffer dicts
+    (not so where pruning, a parametrization or weight norm computes a weight from others)."""
+    w, cb, bw, bb, rm, rv, _ = tensors
+    return (isinstance(w, Tensor) and conv.weight is w and conv.bias is cb
+            and bn.weight is bw and bn.bias is bb
+            and (not bn.track_running_stats
+                 or (bn.running_mean is rm and bn.running_var is rv)))
 
 
 def make(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[str],
@@ -174,9 +204,14 @@ def make(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[
             or hasattr(bn, "process_group")  # (nn.SyncBatchNorm, resfuse's: synchronised)
             or conv.padding_mode != "zeros"
             or not bn.training or x.dim() != 4 or x.shape[0] == 0
+            # (an activation module's settings may change: only names and Activations,
+            # which are immutable)
+            or not (activation is None or isinstance(activation, (str, Activation)))
             or (residual is not None and (type(residual) is not Tensor or not residual.is_cpu))):
         return
     tensors = _tensors(conv, bn)
+    if not _held_by_the_modules(conv, bn, tensors):
+        return
     w = tensors[0]
     if not w.is_cpu or w.dtype is not x.dtype:
         return
@@ -194,7 +229,15 @@ def make(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[
     plan = _TrainPlan(conv_first, x, conv, bn, activation, residual, _requested(backend), chain,
                       cp, as_activation(activation), tensors)
     key = id(conv)
-    old = _plans.get(key)
-    if old is None or old.conv_ref() is not conv:
-        weakref.finalize(conv, _plans.pop, key, None)
+    if key not in _finalized:  # (once per live conv: `clear()` keeps this)
+        _finalized.add(key)
+        weakref.finalize(conv, _forget, key)
     _plans[key] = plan
+
+
+_finalized: set = set()  # ids of the live convs whose death drops their plan
+
+
+def _forget(key: int) -> None:
+    _plans.pop(key, None)
+    _finalized.discard(key)

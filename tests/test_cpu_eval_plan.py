@@ -444,3 +444,29 @@ def test_residual_is_kept_unless_owned(layout):
             in_place = out.data_ptr() == mine.data_ptr()
             assert in_place == (call == 1 or layout == "nchw"), (call, layout)
     assert torch.equal(r, kept)
+
+
+@pytest.mark.parametrize("pre_activation", [False, True])
+def test_pruned_or_parametrized_modules_take_the_checked_path(pre_activation):
+    """A weight computed from other tensors (pruning, parametrizations) is not in the
+    module's parameter dict: no plan, the checked path's values."""
+    import torch.nn.utils.prune as prune
+    from torch.nn.utils import parametrize
+    from resfuse.modules import bn_act_conv_modules, conv_bn_act_modules
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(6, 6, 3, padding=1), randomize_bn(nn.BatchNorm2d(6)).eval()
+    prune.l1_unstructured(conv, "weight", amount=0.5)
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+    parametrize.register_parametrization(bn, "weight", Doubled())
+    act = resfuse.activations.as_activation("relu")
+    x = torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        if pre_activation:
+            got, want = bn_act_conv_modules(x, bn, conv, act), conv(act.forward(bn(x)))
+        else:
+            got, want = conv_bn_act_modules(x, conv, bn, act), act.forward(bn(conv(x)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not eval_plan._plans

@@ -346,6 +346,107 @@ def test_switched_off(monkeypatch):
     assert checked.n == 2
 
 
+def _edit_padding_mode(conv, bn):
+    conv.padding_mode = "reflect"  # (nn.Conv2d honours it: its reflect padding was made at init)
+
+
+def _edit_data_kernel(conv, bn):
+    # (the Parameter kept, its storage swapped; with padding="same", a 5x5 kernel pads by 2)
+    conv.weight.data = torch.randn(conv.weight.shape[:2] + (5, 5))
+
+
+def _edit_padding_in_place(conv, bn):
+    conv.padding[0] = 0  # (a list: edited where the module holds it)
+
+
+@pytest.mark.parametrize("conv_first", [True, False])
+@pytest.mark.parametrize("edit", [_edit_padding_mode, _edit_data_kernel, _edit_padding_in_place],
+                         ids=lambda f: f.__name__[6:])
+def test_edits_the_identities_do_not_show(edit, conv_first):
+    """Edits that keep every object: a padding mode, a weight's storage swapped through
+    `.data`, a padding list edited in place. The next call follows them (checked again), on
+    both the post- and the pre-activation path."""
+    from resfuse.modules import bn_act_conv_modules, conv_bn_act_modules
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(6, 6, 3), randomize_bn(nn.BatchNorm2d(6))
+    conv.padding = "same" if edit is _edit_data_kernel else [1, 1]
+    plain_conv, plain_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    act = resfuse.activations.as_activation("relu")
+    x = torch.randn(2, 6, 8, 8)
+
+    def fused(t):
+        return (conv_bn_act_modules(t, conv, bn, act) if conv_first
+                else bn_act_conv_modules(t, bn, conv, act))
+
+    def plain(t):
+        return (act.forward(plain_bn(plain_conv(t))) if conv_first
+                else plain_conv(act.forward(plain_bn(t))))
+    for step in range(3):
+        if step == 2:
+            for c, b in ((conv, bn), (plain_conv, plain_bn)):
+                torch.manual_seed(1)
+                edit(c, b)
+        yf, yp = fused(x.clone().requires_grad_()), plain(x.clone().requires_grad_())
+        assert yf.shape == yp.shape
+        torch.testing.assert_close(yf, yp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_mean, plain_bn.running_mean)
+        assert train_plan._plans
+
+
+def test_modules_computing_their_weight_are_not_planned():
+    """Pruning (and parametrizations, weight norm) keep the weight outside the parameter
+    dict: such pairs take the checked path, also where the parametrization came after a plan
+    was made."""
+    import torch.nn.utils.prune as prune
+    from torch.nn.utils import parametrize
+    fused, plain = _fused_and_plain()
+    x = torch.randn(2, 4, 6, 6)
+    prune.l1_unstructured(fused.conv, "weight", amount=0.5)
+    prune.l1_unstructured(plain.conv, "weight", amount=0.5)
+    # (One step: pruning recomputes the weight in the conv's forward pre-hook, which a fused
+    # module does not call.)
+    _assert_same(_step(fused, x), _step(plain, x))
+    assert not train_plan._plans
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+    fused, plain = _fused_and_plain()
+    for _ in range(2):
+        _assert_same(_step(fused, x), _step(plain, x))
+    assert train_plan._plans
+    for m in (fused, plain):
+        parametrize.register_parametrization(m.bn, "weight", Doubled())
+    for _ in range(2):
+        _assert_same(_step(fused, x), _step(plain, x))
+
+
+def test_a_bad_counter_after_planning_is_refused():
+    fused, _ = _fused_and_plain()
+    x = torch.randn(2, 4, 6, 6)
+    _step(fused, x), _step(fused, x)
+    fused.bn.num_batches_tracked.data = torch.tensor([0, 0])
+    state = copy.deepcopy(fused.state_dict())
+    with pytest.raises(ResfuseInputError, match="num_batches_tracked"):
+        fused(x.requires_grad_())
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_an_activation_module_is_not_planned():
+    """An activation given as a module may change (a LeakyReLU's slope): not planned."""
+    from resfuse.modules import conv_bn_act_modules
+    conv, bn = _pair()
+    act = nn.LeakyReLU(0.1)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    conv_bn_act_modules(x, conv, bn, act)
+    assert not train_plan._plans
+    act.negative_slope = 0.5
+    y = conv_bn_act_modules(x, conv, bn, act)
+    z = bn(conv(x))  # (the same batch: BN's output as the op normalized it)
+    torch.testing.assert_close(y, torch.where(z > 0, z, 0.5 * z), rtol=1e-5, atol=1e-5)
+
+
 def test_gradcheck_through_the_plan():
     conv, bn = _pair()
     fused = resfuse.FusedConvBNAct.from_modules(conv, bn, "silu").double().train()
