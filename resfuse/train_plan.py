@@ -151,14 +151,7 @@ def run(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[s
     if (plan is None or plan.conv_ref() is not conv or plan.conv_first is not conv_first
             or bn is not plan.bn_ref()):
         return MISS
-    cps, bnp, bnb = conv._parameters, bn._parameters, bn._buffers
-    w, cb, bw, bb = cps.get("weight"), cps.get("bias"), bnp.get("weight"), bnp.get("bias")
-    tracking = bn.track_running_stats
-    if tracking:
-        rm, rv = bnb.get("running_mean"), bnb.get("running_var")
-        nbt = bnb.get("num_batches_tracked")
-    else:
-        rm = rv = nbt = None
+    w, cb, bw, bb, rm, rv, nbt = _tensors(conv, bn)
     if (w is not plan.w or cb is not plan.cb or bw is not plan.bw or bb is not plan.bb
             or rm is not plan.rm or rv is not plan.rv or nbt is not plan.nbt
             or (residual is None) is not (plan.residual is None)):
@@ -174,7 +167,7 @@ def run(x, conv, bn, activation, residual: Optional[Tensor], backend: Optional[s
     if (x.shape != plan.shape or x.dtype is not plan.dtype
             or tuple(map(_data_ptr, plan.present)) != plan.ptrs
             or activation is not plan.act_arg or bn.momentum is not plan.momentum
-            or bn.eps is not plan.eps or tracking is not plan.tracking
+            or bn.eps is not plan.eps or bn.track_running_stats is not plan.tracking
             or _geometry(conv) != plan.geometry or x.stride() != plan.stride
             or _requested(backend) != plan.requested):
         return MISS
